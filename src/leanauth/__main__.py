@@ -1,0 +1,3 @@
+from leanauth.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The ASGI application: the token endpoint on its thin path, everything else on Starlette."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+
+from leanauth.bootstrap import Runtime, open_runtime
+from leanauth.cache import RegistryCache
+from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
+from leanauth.endpoints.token import TokenEndpoint
+from leanauth.settings import Settings
+from leanauth.tokens import TokenIssuer
+
+
+class LeanAuthApp:
+    """Sends the token path straight to its handler and every other request to Starlette."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.cache = RegistryCache(runtime.store, runtime.cipher, settings.refresh_interval)
+        self.token_endpoint = TokenEndpoint(self.cache, runtime.hasher, TokenIssuer(settings))
+        self.starlette = Starlette(
+            routes=discovery_routes(settings, self.cache), lifespan=self._lifespan
+        )
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        await self.cache.start()
+        try:
+            yield
+        finally:
+            await self.cache.stop()
+            self.runtime.store.close()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == TOKEN_PATH:
+            await self.token_endpoint(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> LeanAuthApp:
+    settings = settings or Settings.from_env()
+    return LeanAuthApp(open_runtime(settings))
+
+
+def serve_app() -> LeanAuthApp:
+    """Factory for ``leanauth serve`` workers: the parent process has prepared the store."""
+    return LeanAuthApp(open_runtime(Settings.from_env(), prepare=False))

@@ -1,0 +1,58 @@
+"""Start-up: the key-encryption key, the store, the schema and the first signing key."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanauth.credentials import SecretHasher
+from leanauth.keys import KeyCipher, new_stored_key
+from leanauth.settings import Settings, SettingsError, decode_key
+from leanauth.store.base import Store
+from leanauth.store.sql import SqlStore
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every entry point (server, CLI) builds from the settings."""
+
+    settings: Settings
+    store: Store
+    cipher: KeyCipher
+    hasher: SecretHasher
+
+
+def load_key_encryption_key(settings: Settings) -> bytes:
+    """The KEK from LEANAUTH_KEY_ENCRYPTION_KEY, else from its file (created 0600 if absent)."""
+    if settings.key_encryption_key is not None:
+        return settings.key_encryption_key.value
+    path = settings.kek_file()
+    if not path.exists():
+        _create_key_file(path)
+    key = decode_key(path.read_text())
+    if key is None:
+        raise SettingsError(f"LEANAUTH_KEY_ENCRYPTION_KEY_FILE: {path} does not hold a 32-byte key")
+    return key
+
+
+def _create_key_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: when several processes start at once, exactly one creates the key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+
+
+def open_runtime(settings: Settings, *, prepare: bool = True) -> Runtime:
+    kek = load_key_encryption_key(settings)
+    store = SqlStore(settings.database_url)
+    cipher = KeyCipher(kek)
+    if prepare:
+        store.prepare()
+        store.ensure_active_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
+    return Runtime(settings, store, cipher, SecretHasher(kek))

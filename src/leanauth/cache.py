@@ -1,0 +1,138 @@
+"""The in-process view of the registry that keeps the token hot path off the database.
+
+Apps with their secret hashes and the signing keys are loaded whole at start-up; customers
+are loaded on first use. A background task follows the store's change feed every
+``refresh_interval`` seconds and reloads exactly what changed, and re-reads everything every
+``FULL_REFRESH_INTERVAL`` seconds as a floor, in case a change was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from leanauth.keys import KeyCipher, KeyRing
+from leanauth.store.base import Store, StoreError
+from leanauth.store.models import App, Credentials, Customer
+
+log = logging.getLogger("leanauth.cache")
+
+FULL_REFRESH_INTERVAL = 60.0
+CUSTOMER_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class CachedClient:
+    app: App
+    secret_hashes: tuple[bytes, ...]
+    # The earliest expiry among the secrets: past it the entry is rebuilt from the store.
+    valid_until: float
+
+
+def _cached(credentials: Credentials) -> CachedClient:
+    expiries = [s.expires_at for s in credentials.secrets if s.expires_at is not None]
+    return CachedClient(
+        credentials.app,
+        tuple(s.secret_hash for s in credentials.secrets),
+        float(min(expiries)) if expiries else float("inf"),
+    )
+
+
+class RegistryCache:
+    def __init__(self, store: Store, cipher: KeyCipher, refresh_interval: float) -> None:
+        self._store = store
+        self._cipher = cipher
+        self._refresh_interval = refresh_interval
+        self._clients: dict[str, CachedClient] = {}
+        self._customers: OrderedDict[str, Customer] = OrderedDict()
+        self._change_cursor = 0
+        self._last_full_load = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.keyring: KeyRing
+
+    # Loading
+
+    def load(self) -> None:
+        """Read everything (blocking): at start-up and as the periodic floor."""
+        cursor = self._store.latest_change_id()
+        now = int(time.time())
+        self._clients = {c.app.client_id: _cached(c) for c in self._store.all_credentials(now)}
+        self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
+        self._customers.clear()
+        self._change_cursor = cursor
+        self._last_full_load = time.monotonic()
+
+    def apply_changes(self) -> None:
+        """Reload what the change feed names (blocking; run in a worker thread)."""
+        if time.monotonic() - self._last_full_load >= FULL_REFRESH_INTERVAL:
+            self.load()
+            return
+        changes = self._store.changes_since(self._change_cursor)
+        now = int(time.time())
+        keys_changed = False
+        for change in changes:
+            if change.kind == "app":
+                self._reload_client(change.entity_id, now)
+            elif change.kind == "customer":
+                self._customers.pop(change.entity_id, None)
+            elif change.kind == "key":
+                keys_changed = True
+            self._change_cursor = change.change_id
+        # Retired keys leave the JWKS with time, not with a change: rebuild when due.
+        if keys_changed or self._keys_due(now):
+            self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
+        for client_id, client in list(self._clients.items()):
+            if client.valid_until <= now:
+                self._reload_client(client_id, now)
+
+    def _keys_due(self, now: int) -> bool:
+        return now >= self.keyring.next_change_at
+
+    def _reload_client(self, client_id: str, now: int) -> None:
+        credentials = self._store.get_credentials(client_id, now)
+        if credentials is None:
+            self._clients.pop(client_id, None)
+        else:
+            self._clients[client_id] = _cached(credentials)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        self._task = asyncio.create_task(self._follow_changes(), name="leanauth-cache-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow_changes(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_interval)
+            try:
+                await asyncio.to_thread(self.apply_changes)
+            except StoreError as exc:
+                log.warning("registry refresh failed; serving from cache: %s", exc)
+            except Exception:
+                log.exception("registry refresh failed; serving from cache")
+
+    # Hot-path reads
+
+    def client(self, client_id: str) -> CachedClient | None:
+        return self._clients.get(client_id)
+
+    async def customer(self, customer_id: str) -> Customer | None:
+        """A customer, from memory when seen before, else from the store (off the loop)."""
+        found = self._customers.get(customer_id)
+        if found is not None:
+            return found
+        found = await asyncio.to_thread(self._store.get_customer, customer_id)
+        if found is not None:
+            self._customers[customer_id] = found
+            if len(self._customers) > CUSTOMER_CACHE_SIZE:
+                self._customers.popitem(last=False)
+        return found

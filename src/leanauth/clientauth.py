@@ -1,0 +1,74 @@
+"""Client authentication (RFC 6749 §2.3.1): ``client_secret_basic`` and ``client_secret_post``.
+
+"The client MUST NOT use more than one authentication method in each request": a secret in
+both the Authorization header and the body is an ``invalid_request``. Every failure to
+authenticate (unknown client, wrong secret, disabled app, missing or undecodable credentials)
+is the same :class:`~leanauth.errors.InvalidClient`, and the secret check costs the same
+time whether or not the client exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from leanauth.cache import CachedClient, RegistryCache
+from leanauth.credentials import SecretHasher
+from leanauth.errors import InvalidClient, InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedCredentials:
+    client_id: str
+    client_secret: str
+    method: str
+
+
+def presented_credentials(
+    authorization: bytes | None, params: dict[str, str]
+) -> PresentedCredentials:
+    """Which credentials the request carries, and by which method."""
+    body_id = params.get("client_id")
+    body_secret = params.get("client_secret")
+    if authorization is None:
+        if not body_id or not body_secret:
+            raise InvalidClient(detail="no client credentials")
+        return PresentedCredentials(body_id, body_secret, "client_secret_post")
+    if body_secret is not None:
+        raise InvalidRequest("Use one client authentication method, not both.")
+    client_id, client_secret = _decode_basic(authorization)
+    if body_id is not None and body_id != client_id:
+        raise InvalidRequest("The client_id in the body does not match the Authorization header.")
+    return PresentedCredentials(client_id, client_secret, "client_secret_basic")
+
+
+def _decode_basic(authorization: bytes) -> tuple[str, str]:
+    """RFC 6749 §2.3.1: id and secret are each form-urlencoded, then joined and Base64'd."""
+    scheme, _, encoded = authorization.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        raise InvalidClient(detail="unsupported authorization scheme")
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise InvalidClient(detail="undecodable basic credentials") from None
+    client_id, colon, client_secret = decoded.partition(":")
+    if not colon:
+        raise InvalidClient(detail="basic credentials without a colon")
+    client_id, client_secret = unquote_plus(client_id), unquote_plus(client_secret)
+    if not client_id or not client_secret:
+        raise InvalidClient(detail="empty basic credentials")
+    return client_id, client_secret
+
+
+def authenticate(
+    credentials: PresentedCredentials, cache: RegistryCache, hasher: SecretHasher
+) -> CachedClient:
+    client = cache.client(credentials.client_id)
+    hashes = client.secret_hashes if client is not None else ()
+    # The hash is checked before the other conditions so every failure costs the same.
+    secret_ok = hasher.matches(credentials.client_secret, hashes)
+    if client is None or not secret_ok or not client.app.enabled:
+        raise InvalidClient(detail="unknown client, wrong secret or disabled app")
+    return client

@@ -1,0 +1,1 @@
+"""HTTP endpoints: the token endpoint (a thin ASGI handler) and Starlette routes."""

@@ -1,0 +1,67 @@
+"""The scope grammar of the Lean Authentication API.
+
+Exactly one scope per request: ``api`` (a token for an app's backend) or
+``customer.<customer_id>`` (a token the LinkSDK uses for one end-user), where the id is a
+UUID. RFC 6749 §3.3 makes ``scope`` a space-delimited list; more than one is refused here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from leanauth.errors import InvalidScope
+
+ScopeClass = Literal["api", "customer"]
+SCOPE_CLASSES: tuple[ScopeClass, ...] = ("api", "customer")
+CUSTOMER_PREFIX = "customer."
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedScope:
+    scope_class: ScopeClass
+    customer_id: str | None = None
+
+    @property
+    def value(self) -> str:
+        """The granted scope string (customer ids in canonical lower-case form)."""
+        return "api" if self.customer_id is None else CUSTOMER_PREFIX + self.customer_id
+
+
+API_SCOPE = RequestedScope("api")
+
+
+def parse_scope(raw: str | None) -> RequestedScope:
+    if not raw:
+        raise InvalidScope("The scope parameter is required: 'api' or 'customer.<customer_id>'.")
+    if raw == "api":
+        return API_SCOPE
+    if not raw.startswith(CUSTOMER_PREFIX):
+        if any(c in raw for c in " \t\r\n"):
+            raise InvalidScope("Request exactly one scope.")
+        raise InvalidScope("Unknown scope; use 'api' or 'customer.<customer_id>'.")
+    return RequestedScope("customer", canonical_uuid(raw[len(CUSTOMER_PREFIX) :]))
+
+
+def canonical_uuid(text: str) -> str:
+    """The lower-case hyphenated form of a UUID, accepting only that form in any case."""
+    if len(text) != 36:
+        raise InvalidScope("The customer id must be a UUID.")
+    try:
+        value = uuid.UUID(text)
+    except ValueError:
+        raise InvalidScope("The customer id must be a UUID.") from None
+    canonical = str(value)
+    if canonical != text.lower():
+        raise InvalidScope("The customer id must be a UUID.")
+    return canonical
+
+
+def parse_scope_classes(text: str) -> frozenset[ScopeClass]:
+    """Parse an allow-list such as ``api,customer`` (for the CLI and settings)."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = names - set(SCOPE_CLASSES)
+    if unknown or not names:
+        raise ValueError(f"scope classes are {', '.join(SCOPE_CLASSES)}; got {text!r}")
+    return frozenset(n for n in SCOPE_CLASSES if n in names)

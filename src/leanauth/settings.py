@@ -1,0 +1,207 @@
+"""One frozen, typed Settings object, read from ``LEANAUTH_*`` environment variables.
+
+Every option is documented here, next to its default, and in the README's settings table.
+A bad value stops start-up with one line naming the setting (:class:`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
+
+# The LinkSDK refuses a customer token with less than ten minutes left.
+MIN_CUSTOMER_TOKEN_TTL = 600
+MIN_TOKEN_TTL = 60
+MAX_TOKEN_TTL = 86_400
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message is one line that names it."""
+
+
+@dataclass(frozen=True, repr=False)
+class Secret:
+    """A secret value whose ``repr`` never shows it (so it cannot leak into logs)."""
+
+    value: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # LEANAUTH_DATABASE_URL: SQLAlchemy URL of the registry. Default: an SQLite file
+    # ``var/leanauth.db`` under the working directory.
+    database_url: str = "sqlite:///var/leanauth.db"
+    # LEANAUTH_HOST / LEANAUTH_PORT: where ``leanauth serve`` listens.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # LEANAUTH_ISSUER: the ``iss`` of every token and the metadata's issuer. Default:
+    # ``http://<host>:<port>``.
+    issuer: str = "http://127.0.0.1:8000"
+    # LEANAUTH_SIGNING_ALG: algorithm of newly created signing keys.
+    signing_alg: str = "ES256"
+    # LEANAUTH_TOKEN_TTL: default token lifetime in seconds (an app may override it).
+    token_ttl: int = 3600
+    # LEANAUTH_API_AUDIENCE / LEANAUTH_CUSTOMER_AUDIENCE: ``aud`` of ``api`` tokens and of
+    # ``customer.<id>`` tokens.
+    api_audience: str = "urn:leanauth:api"
+    customer_audience: str = "urn:leanauth:link"
+    # LEANAUTH_KEY_ENCRYPTION_KEY: 32 bytes, base64 or base64url, that encrypt signing keys
+    # at rest and key the client-secret hashes. When unset, LEANAUTH_KEY_ENCRYPTION_KEY_FILE
+    # (default: ``leanauth.kek`` beside the SQLite database) is read, or created with mode 0600.
+    key_encryption_key: Secret | None = None
+    key_encryption_key_file: Path | None = None
+    # LEANAUTH_REFRESH_INTERVAL: seconds between two looks for registry changes made by other
+    # processes (the CLI, other workers); bounds how stale the in-process caches can be.
+    refresh_interval: float = 1.0
+    # LEANAUTH_JWKS_MAX_AGE: seconds a client may cache the JWKS and the metadata.
+    jwks_max_age: int = 300
+    # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
+    log_level: str = "info"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The file of an SQLite database URL, or None for other databases."""
+        if not self.database_url.startswith("sqlite"):
+            return None
+        path = self.database_url.split(":///", 1)[1] if ":///" in self.database_url else ""
+        return Path(path) if path and path != ":memory:" else None
+
+    @property
+    def data_dir(self) -> Path:
+        """Where local files live: beside the SQLite database, else ``var/``."""
+        db = self.sqlite_path
+        return db.parent if db is not None else Path("var")
+
+    def kek_file(self) -> Path:
+        if self.key_encryption_key_file is not None:
+            return self.key_encryption_key_file
+        return self.data_dir / "leanauth.kek"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        host = reader.text("HOST", cls.host)
+        port = reader.integer("PORT", cls.port, low=1, high=65_535)
+        settings = cls(
+            database_url=reader.database_url(),
+            host=host,
+            port=port,
+            issuer=reader.issuer(f"http://{host}:{port}"),
+            signing_alg=reader.choice("SIGNING_ALG", cls.signing_alg, SIGNING_ALGORITHMS),
+            token_ttl=reader.integer("TOKEN_TTL", cls.token_ttl, MIN_TOKEN_TTL, MAX_TOKEN_TTL),
+            api_audience=reader.text("API_AUDIENCE", cls.api_audience),
+            customer_audience=reader.text("CUSTOMER_AUDIENCE", cls.customer_audience),
+            key_encryption_key=reader.kek(),
+            key_encryption_key_file=reader.path("KEY_ENCRYPTION_KEY_FILE"),
+            refresh_interval=reader.number("REFRESH_INTERVAL", cls.refresh_interval, 0.05, 60),
+            jwks_max_age=reader.integer("JWKS_MAX_AGE", cls.jwks_max_age, 0, 86_400),
+            log_level=reader.choice(
+                "LOG_LEVEL", cls.log_level, ("debug", "info", "warning", "error")
+            ),
+        )
+        return settings
+
+
+def decode_key(text: str) -> bytes | None:
+    """Decode a 32-byte key written in base64, base64url or hex; None when it is not one."""
+    text = text.strip()
+    candidates: list[bytes] = []
+    with contextlib.suppress(ValueError):
+        candidates.append(bytes.fromhex(text))
+    padded = text + "=" * (-len(text) % 4)
+    for decoder in (base64.urlsafe_b64decode, base64.b64decode):
+        with contextlib.suppress(binascii.Error, ValueError):
+            candidates.append(decoder(padded))
+    return next((c for c in candidates if len(c) == 32), None)
+
+
+class _Reader:
+    """Reads and checks one ``LEANAUTH_<NAME>`` variable at a time."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(f"LEANAUTH_{name}")
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def _fail(self, name: str, why: str) -> SettingsError:
+        return SettingsError(f"LEANAUTH_{name}: {why}")
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def path(self, name: str) -> Path | None:
+        raw = self._raw(name)
+        return Path(raw) if raw else None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise self._fail(name, f"expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise self._fail(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._fail(name, f"expected a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise self._fail(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        by_folded = {a.casefold(): a for a in allowed}
+        if raw.casefold() not in by_folded:
+            raise self._fail(name, f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return by_folded[raw.casefold()]
+
+    def database_url(self) -> str:
+        raw = self._raw("DATABASE_URL") or Settings.database_url
+        scheme = raw.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in raw:
+            raise self._fail("DATABASE_URL", "expected sqlite:///PATH or postgresql://...")
+        return raw
+
+    def issuer(self, default: str) -> str:
+        raw = self._raw("ISSUER") or default
+        parts = urlsplit(raw)
+        # RFC 8414 §2: an https URL with no query or fragment (http is allowed for local use).
+        if parts.scheme not in ("https", "http") or not parts.netloc:
+            raise self._fail("ISSUER", f"expected an http(s) URL, got {raw!r}")
+        if parts.query or parts.fragment:
+            raise self._fail("ISSUER", "must not have a query or fragment")
+        return raw.rstrip("/")
+
+    def kek(self) -> Secret | None:
+        raw = self._raw("KEY_ENCRYPTION_KEY")
+        if raw is None:
+            return None
+        key = decode_key(raw)
+        if key is None:
+            raise self._fail("KEY_ENCRYPTION_KEY", "expected 32 bytes in base64, base64url or hex")
+        return Secret(key)
