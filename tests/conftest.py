@@ -1,0 +1,184 @@
+"""Fixtures: real leanauth servers on loopback, and the CLI run against their database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from leanauth.cli import main as cli_main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Env:
+    """The environment of one leanauth installation: database, key file, settings."""
+
+    data_dir: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def vars(self) -> dict[str, str]:
+        return {
+            "LEANAUTH_DATABASE_URL": f"sqlite:///{self.data_dir / 'leanauth.db'}",
+            "LEANAUTH_REFRESH_INTERVAL": "0.2",
+            **self.extra,
+        }
+
+    def cli(self, *args: str, expect_ok: bool = True) -> Any:
+        """Run ``leanauth ARGS --json`` in process; return the parsed JSON output."""
+        result = CliRunner().invoke(cli_main, [*args, "--json"], env=self.vars, catch_exceptions=False)
+        if expect_ok:
+            assert result.exit_code == 0, result.output
+            return json.loads(result.stdout)
+        return result
+
+
+@dataclass
+class Server:
+    env: Env
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token_url(self) -> str:
+        return self.url + "/oauth2/token"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(env: Env, port: int | None = None, *extra_args: str, issuer: str | None = None) -> Server:
+    port = port or free_port()
+    variables = {**os.environ, **env.vars, "LEANAUTH_PORT": str(port)}
+    if issuer:
+        variables["LEANAUTH_ISSUER"] = issuer
+    log_path = env.data_dir / f"server-{port}.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "leanauth", "serve", *extra_args],
+            env=variables,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(env, port, process, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+
+
+@dataclass
+class AppCredentials:
+    client_id: str
+    client_secret: str
+    raw: dict[str, Any]
+
+
+def create_app(env: Env, *args: str) -> AppCredentials:
+    data = env.cli("apps", "create", *args)
+    return AppCredentials(data["client_id"], data["client_secret"], data)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    return Env(tmp_path_factory.mktemp("leanauth"))
+
+
+@pytest.fixture(scope="session")
+def server(env: Env) -> Iterator[Server]:
+    running = start_server(env)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def app(env: Env, server: Server) -> AppCredentials:
+    """An app allowed both scope classes, once the running server has picked it up."""
+    created = create_app(env, "--name", "Test app", "--scopes", "api,customer")
+    wait_until_known(server, created)
+    return created
+
+
+def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> httpx.Response:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": creds.client_id,
+        "client_secret": creds.client_secret,
+        "scope": scope,
+    }
+    return httpx.post(server.token_url, data=form, timeout=10)
+
+
+def wait_until_known(server: Server, creds: AppCredentials) -> None:
+    """Wait for a server to see an app made by the CLI (its cache refreshes in the background)."""
+    wait_for(lambda: request_token(server, creds).status_code == 200)
+
+
+@pytest.fixture(scope="session")
+def customer_id(env: Env, app: AppCredentials) -> str:
+    data = env.cli("customers", "create", "--app", app.client_id, "--app-user-id", "user-1")
+    return str(data["customer_id"])
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def jwks_client(server: Server) -> Any:
+    import jwt
+
+    return jwt.PyJWKClient(server.url + "/oauth2/jwks", cache_keys=False, cache_jwk_set=False)
+
+
+def wait_for(predicate: Any, timeout: float = 3.0, interval: float = 0.05) -> float:
+    """Poll ``predicate`` until true; return the seconds it took, or fail after ``timeout``."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)
