@@ -12,6 +12,8 @@ from leanauth.bootstrap import Runtime, open_runtime
 from leanauth.cache import RegistryCache
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
 from leanauth.endpoints.token import TokenEndpoint
+from leanauth.logs import configure_logging
+from leanauth.notify import listener_for
 from leanauth.settings import Settings
 from leanauth.tokens import TokenIssuer
 
@@ -22,7 +24,9 @@ class LeanAuthApp:
     def __init__(self, runtime: Runtime) -> None:
         settings = runtime.settings
         self.runtime = runtime
-        self.cache = RegistryCache(runtime.store, runtime.cipher, settings.refresh_interval)
+        self.cache = RegistryCache(
+            runtime.store, runtime.cipher, settings.refresh_interval, listener_for(settings)
+        )
         self.token_endpoint = TokenEndpoint(self.cache, runtime.hasher, TokenIssuer(settings))
         self.starlette = Starlette(
             routes=discovery_routes(settings, self.cache), lifespan=self._lifespan
@@ -51,4 +55,6 @@ def create_app(settings: Settings | None = None) -> LeanAuthApp:
 
 def serve_app() -> LeanAuthApp:
     """Factory for ``leanauth serve`` workers: the parent process has prepared the store."""
-    return LeanAuthApp(open_runtime(Settings.from_env(), prepare=False))
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    return LeanAuthApp(open_runtime(settings, schema="none"))

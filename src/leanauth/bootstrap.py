@@ -6,12 +6,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from leanauth.credentials import SecretHasher
 from leanauth.keys import KeyCipher, new_stored_key
+from leanauth.notify import RedisPublisher
 from leanauth.settings import Settings, SettingsError, decode_key
 from leanauth.store.base import Store
-from leanauth.store.sql import SqlStore
+from leanauth.store.migrate import require_current
+from leanauth.store.sql import EngineOptions, SqlStore
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,31 @@ def _create_key_file(path: Path) -> None:
         handle.write(os.urandom(32).hex() + "\n")
 
 
-def open_runtime(settings: Settings, *, prepare: bool = True) -> Runtime:
+SchemaMode = Literal["upgrade", "auto", "none"]
+
+
+def open_runtime(settings: Settings, *, schema: SchemaMode = "auto") -> Runtime:
+    """Open the store and make it ready.
+
+    ``schema``: ``upgrade`` applies pending migrations; ``auto`` applies them to an empty
+    database and otherwise insists the schema is current (a server never runs on an old
+    schema); ``none`` touches nothing (for a process whose parent prepared the store).
+    Then, unless ``none``, makes the first signing key if there is none.
+    """
     kek = load_key_encryption_key(settings)
-    store = SqlStore(settings.database_url)
+    options = EngineOptions(
+        settings.db_pool_size, settings.db_connect_timeout, settings.db_statement_timeout
+    )
+    publisher = RedisPublisher(settings.redis_url) if settings.redis_url else None
+    store = SqlStore(settings.database_url, options, publish=publisher)
     cipher = KeyCipher(kek)
-    if prepare:
-        store.prepare()
-        store.ensure_active_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
+    try:
+        if schema == "upgrade" or (schema == "auto" and store.schema_revision() is None):
+            store.upgrade_schema()
+        if schema != "none":
+            require_current(store.engine)
+            store.ensure_active_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
+    except BaseException:
+        store.close()
+        raise
     return Runtime(settings, store, cipher, SecretHasher(kek))

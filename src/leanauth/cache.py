@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from leanauth.keys import KeyCipher, KeyRing
+from leanauth.notify import ChangeListener
 from leanauth.store.base import Store, StoreError
 from leanauth.store.models import App, Credentials, Customer
 
@@ -43,8 +44,15 @@ def _cached(credentials: Credentials) -> CachedClient:
 
 
 class RegistryCache:
-    def __init__(self, store: Store, cipher: KeyCipher, refresh_interval: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cipher: KeyCipher,
+        refresh_interval: float,
+        listener: ChangeListener | None = None,
+    ) -> None:
         self._store = store
+        self._listener = listener
         self._cipher = cipher
         self._refresh_interval = refresh_interval
         self._clients: dict[str, CachedClient] = {}
@@ -101,18 +109,31 @@ class RegistryCache:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
-        self._task = asyncio.create_task(self._follow_changes(), name="leanauth-cache-refresh")
+        wake = asyncio.Event()
+        if self._listener is not None:
+            loop = asyncio.get_running_loop()
+
+            def wake_from_thread() -> None:
+                loop.call_soon_threadsafe(wake.set)
+
+            self._listener.start(wake_from_thread)
+        self._task = asyncio.create_task(self._follow_changes(wake), name="leanauth-cache-refresh")
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
-    async def _follow_changes(self) -> None:
+    async def _follow_changes(self, wake: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self._refresh_interval)
+            # A notification from another node wakes this at once; else poll on the interval.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=self._refresh_interval)
+            wake.clear()
             try:
                 await asyncio.to_thread(self.apply_changes)
             except StoreError as exc:

@@ -15,12 +15,14 @@ import httpx
 import uvicorn
 
 from leanauth import __version__, registry
-from leanauth.bootstrap import Runtime, open_runtime
+from leanauth.bootstrap import Runtime, SchemaMode, open_runtime
 from leanauth.keys import StoredKey
 from leanauth.logs import configure_logging
 from leanauth.scopes import parse_scope_classes
 from leanauth.settings import Settings, SettingsError
+from leanauth.store import migrate
 from leanauth.store.base import AlreadyExists, NotFound, StoreError
+from leanauth.store.migrate import SchemaOutdated
 from leanauth.store.models import App, ClientSecret, Customer
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,11 +40,11 @@ def emit(as_json: bool, data: Any, text: str) -> None:
 
 
 @contextmanager
-def runtime(prepare: bool = True) -> Iterator[Runtime]:
+def runtime(schema: SchemaMode = "auto") -> Iterator[Runtime]:
     """The settings and the store, with one-line errors for everything an operator can fix."""
     try:
-        rt = open_runtime(Settings.from_env(), prepare=prepare)
-    except (SettingsError, StoreError) as exc:
+        rt = open_runtime(Settings.from_env(), schema=schema)
+    except (SettingsError, StoreError, SchemaOutdated) as exc:
         fail(str(exc))
         raise  # unreachable: fail() exits
     try:
@@ -120,12 +122,12 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
         os.environ["LEANAUTH_HOST"] = host
     if port:
         os.environ["LEANAUTH_PORT"] = str(port)
-    with runtime() as rt:
-        settings = rt.settings
-    # Workers are separate processes: they read the same environment, logging included.
     if as_json:
         os.environ["LEANAUTH_LOG_FORMAT"] = "json"
-    configure_logging(settings.log_level)
+    # Workers are separate processes that read the same environment.
+    with runtime() as rt:
+        settings = rt.settings
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         "leanauth.app:serve_app",
         factory=True,
@@ -151,7 +153,7 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
 @json_option
 def init(demo: bool, as_json: bool) -> None:
     """Prepare the database, the key-encryption key and the first signing key."""
-    with runtime() as rt:
+    with runtime(schema="upgrade") as rt:
         data: dict[str, Any] = {"database_url": rt.settings.database_url}
         if demo:
             data["demo_app"] = demo_credentials(rt)
@@ -196,6 +198,38 @@ def demo_credentials(rt: Runtime) -> dict[str, Any] | None:
     with os.fdopen(fd, "w") as handle:
         json.dump(saved, handle)
     return saved
+
+
+# db
+
+
+@main.group()
+def db() -> None:
+    """The database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@json_option
+def db_upgrade(as_json: bool) -> None:
+    """Apply every pending migration (safe to run on several nodes at once)."""
+    with runtime(schema="upgrade") as rt:
+        revision = rt.store.schema_revision()
+        emit(
+            as_json,
+            {"revision": revision, "head": migrate.head_revision()},
+            f"schema at {revision}",
+        )
+
+
+@db.command("current")
+@json_option
+def db_current(as_json: bool) -> None:
+    """Show the database's schema revision and the one this code needs."""
+    with runtime(schema="none") as rt:
+        revision, head = rt.store.schema_revision(), migrate.head_revision()
+        data = {"revision": revision, "head": head, "current": revision == head}
+        state = "up to date" if revision == head else "behind: run `leanauth db upgrade`"
+        emit(as_json, data, f"{revision or 'empty'} (head {head}, {state})")
 
 
 # apps

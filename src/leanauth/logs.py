@@ -7,7 +7,6 @@ header. Errors carry an internal ``detail`` for the log and a public description
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import orjson
@@ -27,9 +26,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
-    if os.environ.get("LEANAUTH_LOG_FORMAT") == "json":
+    if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -42,6 +42,14 @@ class Settings:
     # LEANAUTH_DATABASE_URL: SQLAlchemy URL of the registry. Default: an SQLite file
     # ``var/leanauth.db`` under the working directory.
     database_url: str = "sqlite:///var/leanauth.db"
+    # LEANAUTH_DB_POOL_SIZE / LEANAUTH_DB_CONNECT_TIMEOUT / LEANAUTH_DB_STATEMENT_TIMEOUT:
+    # PostgreSQL connections per process, and seconds to wait for a connection or a statement.
+    db_pool_size: int = 5
+    db_connect_timeout: float = 5.0
+    db_statement_timeout: float = 5.0
+    # LEANAUTH_REDIS_URL: optional Redis (redis://host:port/db) for cluster-wide fast state and
+    # change notifications; without it each node keeps that state in process.
+    redis_url: str | None = None
     # LEANAUTH_HOST / LEANAUTH_PORT: where ``leanauth serve`` listens.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -68,6 +76,8 @@ class Settings:
     jwks_max_age: int = 300
     # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
     log_level: str = "info"
+    # LEANAUTH_LOG_FORMAT: ``plain`` lines for people or ``json``, one object per line.
+    log_format: str = "plain"
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -96,6 +106,14 @@ class Settings:
         port = reader.integer("PORT", cls.port, low=1, high=65_535)
         settings = cls(
             database_url=reader.database_url(),
+            db_pool_size=reader.integer("DB_POOL_SIZE", cls.db_pool_size, 1, 100),
+            db_connect_timeout=reader.number(
+                "DB_CONNECT_TIMEOUT", cls.db_connect_timeout, 0.1, 120
+            ),
+            db_statement_timeout=reader.number(
+                "DB_STATEMENT_TIMEOUT", cls.db_statement_timeout, 0.1, 600
+            ),
+            redis_url=reader.redis_url(),
             host=host,
             port=port,
             issuer=reader.issuer(f"http://{host}:{port}"),
@@ -110,6 +128,7 @@ class Settings:
             log_level=reader.choice(
                 "LOG_LEVEL", cls.log_level, ("debug", "info", "warning", "error")
             ),
+            log_format=reader.choice("LOG_FORMAT", cls.log_format, ("plain", "json")),
         )
         return settings
 
@@ -185,6 +204,12 @@ class _Reader:
         scheme = raw.split(":", 1)[0].split("+", 1)[0]
         if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in raw:
             raise self._fail("DATABASE_URL", "expected sqlite:///PATH or postgresql://...")
+        return raw
+
+    def redis_url(self) -> str | None:
+        raw = self._raw("REDIS_URL")
+        if raw is not None and urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+            raise self._fail("REDIS_URL", "expected redis://HOST:PORT/DB, rediss:// or unix://")
         return raw
 
     def issuer(self, default: str) -> str:

@@ -24,9 +24,19 @@ class AlreadyExists(ValueError):
     """A unique value (such as a customer's app_user_id within its app) is already taken."""
 
 
+class ChangePublisher(Protocol):
+    """Told the kind of each committed change (to wake other nodes' caches)."""
+
+    def __call__(self, kind: str) -> None: ...
+    def close(self) -> None: ...
+
+
 class Store(Protocol):
-    def prepare(self) -> None:
-        """Create the schema if it is missing."""
+    def upgrade_schema(self) -> None:
+        """Apply every pending migration, once even when several processes ask at once."""
+
+    def schema_revision(self) -> str | None:
+        """The schema's migration revision; None for an empty database."""
 
     def close(self) -> None: ...
 

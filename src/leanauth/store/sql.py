@@ -5,25 +5,46 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from leanauth.keys import StoredKey
 from leanauth.scopes import SCOPE_CLASSES, ScopeClass
-from leanauth.store import schema
-from leanauth.store.base import AlreadyExists, NotFound, StoreError
+from leanauth.store import migrate, schema
+from leanauth.store.base import AlreadyExists, ChangePublisher, NotFound, StoreError
 from leanauth.store.models import App, Change, ChangeKind, ClientSecret, Credentials, Customer
 
 # Change rows older than this are pruned: every process re-reads everything far more often.
 CHANGE_RETENTION = 3600
+NOTIFY_CHANNEL = "leanauth_changes"
+PENDING_CHANGES = "leanauth_pending_changes"
+CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
 
 
-def engine_for(url: str) -> Engine:
+@dataclass(frozen=True)
+class EngineOptions:
+    pool_size: int = 5
+    connect_timeout: float = 5.0
+    statement_timeout: float = 5.0
+
+
+def postgres_url(url: str) -> str:
+    """Any spelling of a PostgreSQL URL, as SQLAlchemy's psycopg (3) dialect wants it."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def engine_for(url: str, options: EngineOptions | None = None) -> Engine:
+    options = options or EngineOptions()
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
@@ -31,11 +52,19 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url.removeprefix("postgres://")
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True)
+    statement_ms = int(options.statement_timeout * 1000)
+    return create_engine(
+        postgres_url(url),
+        pool_size=options.pool_size,
+        max_overflow=options.pool_size,
+        pool_pre_ping=True,
+        pool_timeout=options.connect_timeout,
+        connect_args={
+            "connect_timeout": max(1, round(options.connect_timeout)),
+            "options": f"-c statement_timeout={statement_ms}",
+            "application_name": "leanauth",
+        },
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -98,15 +127,32 @@ def _key(row: Any) -> StoredKey:
 class SqlStore:
     """:class:`leanauth.store.base.Store` on SQLAlchemy Core."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = engine_for(url)
+    def __init__(
+        self,
+        url: str,
+        options: EngineOptions | None = None,
+        publish: ChangePublisher | None = None,
+    ) -> None:
+        self.engine = engine_for(url, options)
+        # Told the kind of each committed change (Redis pub/sub, when configured).
+        self._publish = publish
 
-    def prepare(self) -> None:
-        with self._write() as conn:
-            schema.metadata.create_all(conn)
+    def upgrade_schema(self) -> None:
+        try:
+            migrate.upgrade(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(str(exc).splitlines()[0]) from exc
+
+    def schema_revision(self) -> str | None:
+        try:
+            return migrate.current_revision(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(str(exc).splitlines()[0]) from exc
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._publish is not None:
+            self._publish.close()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -118,18 +164,34 @@ class SqlStore:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
+        kinds: list[str] = []
         try:
             with self.engine.begin() as conn:
-                yield conn
+                conn.info[PENDING_CHANGES] = kinds
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop(PENDING_CHANGES, None)
         except IntegrityError:
             raise
-        except OperationalError as exc:
+        except SQLAlchemyError as exc:
             raise StoreError(str(exc).splitlines()[0]) from exc
+        if self._publish is not None:
+            for kind in dict.fromkeys(kinds):
+                self._publish(kind)
 
     @staticmethod
     def _record_change(conn: Connection, kind: ChangeKind, entity_id: str) -> None:
         now = int(time.time())
+        if conn.dialect.name == "postgresql":
+            # Readers follow the feed by change_id: the lock makes ids commit in order, so a
+            # reader never sees id n+1 before id n is visible. NOTIFY is sent on commit.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_FEED_LOCK_KEY})
+            conn.execute(
+                text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
+            )
         conn.execute(insert(schema.changes).values(kind=kind, entity_id=entity_id, created_at=now))
+        conn.info[PENDING_CHANGES].append(kind)
         conn.execute(
             schema.changes.delete().where(schema.changes.c.created_at < now - CHANGE_RETENTION)
         )

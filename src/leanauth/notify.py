@@ -1,0 +1,132 @@
+"""Change notifications between nodes, so caches refresh in milliseconds rather than at the
+next poll: PostgreSQL ``LISTEN/NOTIFY``, or Redis pub/sub when ``LEANAUTH_REDIS_URL`` is set.
+
+A notification only says "look now": the change itself is read from the store's change
+feed, so a lost notification costs at most one polling interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import psycopg
+import redis
+
+from leanauth.settings import Settings
+from leanauth.store.sql import NOTIFY_CHANNEL
+
+log = logging.getLogger("leanauth.notify")
+
+RECONNECT_DELAY = 1.0
+
+
+class ChangeListener(Protocol):
+    def start(self, wake: Callable[[], None]) -> None: ...
+    def stop(self) -> None: ...
+
+
+class _ListenerThread:
+    """Runs ``listen_once`` in a daemon thread, reconnecting after failures until stopped."""
+
+    name = "listener"
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(wake,), name=f"leanauth-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3)
+
+    def _run(self, wake: Callable[[], None]) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.listen_once(wake, self._stopping)
+            except Exception as exc:
+                log.warning("%s: %s; reconnecting", self.name, exc)
+                wake()  # something may have been missed while disconnected
+                self._stopping.wait(RECONNECT_DELAY)
+
+    def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+        raise NotImplementedError
+
+
+class PostgresListener(_ListenerThread):
+    name = "postgres-listener"
+
+    def __init__(self, conninfo: str, connect_timeout: float) -> None:
+        super().__init__()
+        self._conninfo = conninfo
+        self._connect_timeout = connect_timeout
+
+    def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+        with psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
+        ) as conn:
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            wake()  # catch up on anything committed before LISTEN took effect
+            while not stopping.is_set():
+                for _ in conn.notifies(timeout=1.0):
+                    wake()
+
+
+class RedisListener(_ListenerThread):
+    name = "redis-listener"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+
+    def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
+        client = redis.Redis.from_url(self._url, socket_connect_timeout=5)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(NOTIFY_CHANNEL)
+            wake()
+            while not stopping.is_set():
+                if pubsub.get_message(timeout=1.0) is not None:
+                    wake()
+        finally:
+            pubsub.close()
+            client.close()
+
+
+class RedisPublisher:
+    """Publishes committed changes on Redis; a failure is logged, never raised (the
+    periodic poll still carries the change)."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    def __call__(self, kind: str) -> None:
+        try:
+            self._client.publish(NOTIFY_CHANNEL, kind)
+        except redis.RedisError as exc:
+            log.warning("could not publish a change notification: %s", exc)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def listener_for(settings: Settings) -> ChangeListener | None:
+    if settings.redis_url:
+        return RedisListener(settings.redis_url)
+    if settings.database_url.startswith(("postgresql", "postgres")):
+        return PostgresListener(libpq_conninfo(settings.database_url), settings.db_connect_timeout)
+    return None
+
+
+def libpq_conninfo(url: str) -> str:
+    """A libpq URL from a SQLAlchemy one (without the ``+driver`` part)."""
+    scheme, rest = url.split("://", 1)
+    return "postgresql://" + rest if scheme.startswith("postgres") else url

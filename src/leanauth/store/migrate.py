@@ -1,0 +1,88 @@
+"""Schema migrations (Alembic) for SQLite and PostgreSQL, applied once under a lock.
+
+Several nodes may start at once on an empty database: the migration runs under a
+PostgreSQL advisory lock (or a file lock beside an SQLite database), so exactly one applies
+it and the others find it done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# An arbitrary, fixed key for pg_advisory_lock: "leanauth" in ASCII.
+ADVISORY_LOCK_KEY = 0x6C65616E61757468
+
+
+class SchemaOutdated(RuntimeError):
+    """The database's schema is older than this code."""
+
+
+def _config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+                conn.commit()
+            return
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield conn
+            return
+        lock_path = Path(database).with_suffix(".migrate.lock")
+        with lock_path.open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield conn
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def upgrade(engine: Engine) -> None:
+    """Apply every pending migration (a no-op when the schema is current)."""
+    with _migration_lock(engine) as conn:
+        command.upgrade(_config(conn), "head")
+        conn.commit()
+
+
+def require_current(engine: Engine) -> None:
+    """Raise :class:`SchemaOutdated` unless the schema is at this code's head."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaOutdated(
+            f"the database schema is at revision {current or 'none'} but this leanauth needs "
+            f"{head}: run `leanauth db upgrade`"
+        )
