@@ -44,7 +44,9 @@ class Env:
 
     def cli(self, *args: str, expect_ok: bool = True) -> Any:
         """Run ``leanauth ARGS --json`` in process; return the parsed JSON output."""
-        result = CliRunner().invoke(cli_main, [*args, "--json"], env=self.vars, catch_exceptions=False)
+        result = CliRunner().invoke(
+            cli_main, [*args, "--json"], env=self.vars, catch_exceptions=False
+        )
         if expect_ok:
             assert result.exit_code == 0, result.output
             return json.loads(result.stdout)
@@ -79,7 +81,9 @@ class Server:
                 self.process.wait()
 
 
-def start_server(env: Env, port: int | None = None, *extra_args: str, issuer: str | None = None) -> Server:
+def start_server(
+    env: Env, port: int | None = None, *extra_args: str, issuer: str | None = None
+) -> Server:
     port = port or free_port()
     variables = {**os.environ, **env.vars, "LEANAUTH_PORT": str(port)}
     if issuer:
@@ -182,3 +186,81 @@ def wait_for(predicate: Any, timeout: float = 3.0, interval: float = 0.05) -> fl
         if time.monotonic() - start > timeout:
             pytest.fail(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+# PostgreSQL and Redis: the real servers (CI has both on loopback). Unreachable ones fail
+# the run under CI=true and skip with a visible reason elsewhere.
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "LEANAUTH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_TEST_URL = os.environ.get("LEANAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} is unreachable: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class PostgresDatabases:
+    """Creates throwaway databases on the test server and drops them at the end."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._created: list[str] = []
+
+    def admin(self) -> Any:
+        return self._psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+
+    def create(self) -> str:
+        import uuid
+
+        name = f"leanauth_test_{uuid.uuid4().hex[:12]}"
+        with self.admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self._created.append(name)
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        with self.admin() as conn:
+            for name in self._created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresDatabases]:
+    databases = PostgresDatabases()
+    try:
+        databases.admin().close()
+    except Exception as exc:
+        _unavailable(f"PostgreSQL at {POSTGRES_ADMIN_URL}", exc)
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except Exception as exc:
+        _unavailable(f"Redis at {REDIS_TEST_URL}", exc)
+    finally:
+        client.close()
+    return REDIS_TEST_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One fresh, empty database of each backend: the contract suite runs on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'leanauth.db'}"
+    databases: PostgresDatabases = request.getfixturevalue("postgres")
+    return databases.create()

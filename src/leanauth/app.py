@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 
@@ -24,6 +25,7 @@ class LeanAuthApp:
     def __init__(self, runtime: Runtime) -> None:
         settings = runtime.settings
         self.runtime = runtime
+        self._issuer_path = urlsplit(settings.issuer).path.rstrip("/")
         self.cache = RegistryCache(
             runtime.store, runtime.cipher, settings.refresh_interval, listener_for(settings)
         )
@@ -42,10 +44,17 @@ class LeanAuthApp:
             self.runtime.store.close()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == TOKEN_PATH:
-            await self.token_endpoint(scope, receive, send)
-        else:
-            await self.starlette(scope, receive, send)
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            # An issuer with a path (https://host/tenant) advertises its endpoints under that
+            # path; they are served there as well as at the root.
+            if self._issuer_path and path.startswith(self._issuer_path + "/"):
+                path = path[len(self._issuer_path) :]
+                scope = {**scope, "path": path}
+            if path == TOKEN_PATH:
+                await self.token_endpoint(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> LeanAuthApp:

@@ -1,0 +1,158 @@
+"""Several nodes on one PostgreSQL (and optionally one Redis) behave as one server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import jwt
+import psycopg
+import pytest
+
+from conftest import (
+    AppCredentials,
+    Env,
+    PostgresDatabases,
+    Server,
+    create_app,
+    request_token,
+    start_server,
+    wait_for,
+)
+
+# Polling is set far beyond the 1 s target: only a notification can make a node see a change
+# in time.
+SLOW_POLL = "30"
+
+
+def cluster_env(tmp_path: Path, postgres: PostgresDatabases, **extra: str) -> Env:
+    return Env(
+        tmp_path,
+        extra={
+            "LEANAUTH_DATABASE_URL": postgres.create(),
+            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
+            "LEANAUTH_REFRESH_INTERVAL": SLOW_POLL,
+            **extra,
+        },
+    )
+
+
+def start_nodes(env: Env, count: int) -> list[Server]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: start_server(env), range(count)))
+
+
+@pytest.fixture(params=["listen-notify", "redis"])
+def nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresDatabases
+) -> Iterator[tuple[Env, list[Server]]]:
+    extra = {}
+    if request.param == "redis":
+        extra["LEANAUTH_REDIS_URL"] = request.getfixturevalue("redis_url")
+    env = cluster_env(tmp_path, postgres, **extra)
+    servers = start_nodes(env, 2)
+    yield env, servers
+    for server in servers:
+        server.stop()
+
+
+def token_kid(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(jwt.get_unverified_header(response.json()["access_token"])["kid"])
+
+
+def served_kids(server: Server) -> set[str]:
+    return {k["kid"] for k in httpx.get(server.url + "/oauth2/jwks").json()["keys"]}
+
+
+def test_every_node_sees_a_change_within_a_second(nodes: tuple[Env, list[Server]]) -> None:
+    env, servers = nodes
+    app = create_app(env, "--name", "Cluster app")
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 200, timeout=1.0)
+
+    env.cli("apps", "disable", app.client_id)
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 401, timeout=1.0)
+
+    env.cli("apps", "enable", app.client_id)
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 200, timeout=1.0)
+
+    rotated = env.cli("apps", "rotate-secret", app.client_id)
+    new = AppCredentials(app.client_id, rotated["client_secret"], rotated)
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 401, timeout=1.0)
+        assert request_token(server, new).status_code == 200
+
+
+def test_every_node_signs_with_a_rotated_key_within_a_second(
+    nodes: tuple[Env, list[Server]],
+) -> None:
+    env, servers = nodes
+    app = create_app(env, "--name", "Key app")
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 200, timeout=1.0)
+    old_kid = token_kid(request_token(servers[0], app))
+
+    new_kid = env.cli("keys", "rotate")["kid"]
+    assert new_kid != old_kid
+    for server in servers:
+        wait_for(lambda s=server: token_kid(request_token(s, app)) == new_kid, timeout=1.0)
+        assert served_kids(server) == {old_kid, new_kid}
+
+
+def test_a_customer_created_on_one_node_works_on_every_node_at_once(
+    nodes: tuple[Env, list[Server]],
+) -> None:
+    env, servers = nodes
+    app = create_app(env, "--name", "Customer app")
+    for server in servers:
+        wait_for(lambda s=server: request_token(s, app).status_code == 200, timeout=1.0)
+    customer = env.cli("customers", "create", "--app", app.client_id, "--app-user-id", "u1")
+    for server in servers:
+        response = request_token(server, app, scope=f"customer.{customer['customer_id']}")
+        assert response.status_code == 200, response.text
+
+
+def test_nodes_started_at_once_on_an_empty_database_migrate_once_and_make_one_key(
+    tmp_path: Path, postgres: PostgresDatabases
+) -> None:
+    env = cluster_env(tmp_path, postgres)
+    servers = start_nodes(env, 3)
+    try:
+        kids = [served_kids(server) for server in servers]
+        assert len(kids[0]) == 1
+        assert kids == [kids[0]] * 3
+        with psycopg.connect(env.vars["LEANAUTH_DATABASE_URL"]) as conn:
+            keys = conn.execute("SELECT count(*) FROM signing_keys").fetchone()
+            versions = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        assert keys == (1,)
+        assert len(versions) == 1
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_sqlite_nodes_started_at_once_make_one_key(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    servers = start_nodes(env, 3)
+    try:
+        kids = [served_kids(server) for server in servers]
+        assert len(kids[0]) == 1
+        assert kids == [kids[0]] * 3
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_server_refuses_an_outdated_schema(tmp_path: Path, postgres: PostgresDatabases) -> None:
+    env = cluster_env(tmp_path, postgres)
+    env.cli("init")
+    with psycopg.connect(env.vars["LEANAUTH_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0000'")
+    with pytest.raises(RuntimeError, match="leanauth db upgrade"):
+        start_server(env)
