@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,20 @@ from conftest import PostgresDatabases, free_port, wait_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (the script numbers its nodes from p)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def test_run_cluster_starts_healthy_nodes(tmp_path: Path, postgres: PostgresDatabases) -> None:
-    first_port = free_port()
+    first_port = free_port_pair()
     env = {
         **os.environ,
         "LEANAUTH_DATABASE_URL": postgres.create(),
@@ -48,5 +61,9 @@ def test_run_cluster_starts_healthy_nodes(tmp_path: Path, postgres: PostgresData
         assert kids[0] == kids[1]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         log.close()

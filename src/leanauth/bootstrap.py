@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cryptography.exceptions import InvalidTag
+
 from leanauth.credentials import SecretHasher
 from leanauth.keys import KeyCipher, new_stored_key
 from leanauth.notify import RedisPublisher
@@ -32,11 +34,15 @@ def load_key_encryption_key(settings: Settings) -> bytes:
     if settings.key_encryption_key is not None:
         return settings.key_encryption_key.value
     path = settings.kek_file()
-    if not path.exists():
-        _create_key_file(path)
-    key = decode_key(path.read_text())
+    try:
+        if not path.exists():
+            _create_key_file(path)
+        key = decode_key(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise SettingsError(f"{KEK_FILE_SETTING}: cannot read or create {path}: {why}") from None
     if key is None:
-        raise SettingsError(f"LEANAUTH_KEY_ENCRYPTION_KEY_FILE: {path} does not hold a 32-byte key")
+        raise SettingsError(f"{KEK_FILE_SETTING}: {path} does not hold a 32-byte key")
     return key
 
 
@@ -49,6 +55,26 @@ def _create_key_file(path: Path) -> None:
         return
     with os.fdopen(fd, "w") as handle:
         handle.write(os.urandom(32).hex() + "\n")
+
+
+KEK_SETTING = "LEANAUTH_KEY_ENCRYPTION_KEY"
+KEK_FILE_SETTING = "LEANAUTH_KEY_ENCRYPTION_KEY_FILE"
+
+
+def check_key_encryption_key(settings: Settings, store: Store, cipher: KeyCipher) -> None:
+    """Refuse to run with a key-encryption key that does not open the stored signing keys:
+    with it, every secret check and every signature would fail."""
+    for key in store.list_keys():
+        if key.state != "active":
+            continue
+        try:
+            cipher.decrypt(key.kid, key.encrypted_private_key)
+        except InvalidTag:
+            setting = KEK_SETTING if settings.key_encryption_key else KEK_FILE_SETTING
+            raise SettingsError(
+                f"{setting}: this key does not decrypt the signing keys in the database "
+                "(every node of one installation needs the same key-encryption key)"
+            ) from None
 
 
 SchemaMode = Literal["upgrade", "auto", "none"]
@@ -75,6 +101,7 @@ def open_runtime(settings: Settings, *, schema: SchemaMode = "auto") -> Runtime:
         if schema != "none":
             require_current(store.engine)
             store.ensure_active_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
+            check_key_encryption_key(settings, store, cipher)
     except BaseException:
         store.close()
         raise

@@ -218,7 +218,7 @@ class _Reader:
         # RFC 8414 §2: an https URL with no query or fragment (http is allowed for local use).
         if parts.scheme not in ("https", "http") or not parts.netloc:
             raise self._fail("ISSUER", f"expected an http(s) URL, got {raw!r}")
-        if parts.query or parts.fragment:
+        if "?" in raw or "#" in raw:
             raise self._fail("ISSUER", "must not have a query or fragment")
         return raw.rstrip("/")
 
