@@ -39,6 +39,9 @@ class Env:
         return {
             "LEANAUTH_DATABASE_URL": f"sqlite:///{self.data_dir / 'leanauth.db'}",
             "LEANAUTH_REFRESH_INTERVAL": "0.2",
+            # A rotated key signs after a second (the pre-publication period), not minutes.
+            "LEANAUTH_JWKS_MAX_AGE": "1",
+            "LEANAUTH_KEY_PREPUBLISH": "1",
             **self.extra,
         }
 

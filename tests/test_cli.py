@@ -226,7 +226,7 @@ def test_apps_rotate_secret_json(env: Env) -> None:
 def test_apps_rotate_secret_takes_effect_on_the_running_server(env: Env, server: Server) -> None:
     old = create_app(env, "--name", "Rotate live")
     wait_until_known(server, old)
-    rotated = env.cli("apps", "rotate-secret", old.client_id)
+    rotated = env.cli("apps", "rotate-secret", old.client_id, "--grace", "0")
     new = AppCredentials(old.client_id, rotated["client_secret"], rotated)
     wait_for(lambda: request_token(server, new).status_code == 200, timeout=2.0)
     wait_for(lambda: request_token(server, old).status_code == 401, timeout=2.0)
@@ -303,7 +303,8 @@ def test_keys_list_shows_one_active_key_and_no_private_material(fresh_env: Env) 
     assert key["state"] == "active"
     assert key["alg"] == "ES256"
     assert key["kid"]
-    assert key["retired_at"] is None
+    assert key["retires_at"] is None
+    assert key["unpublished_at"] is None
     text = json.dumps(listed)
     assert "private" not in text
     assert '"d"' not in text
@@ -311,20 +312,33 @@ def test_keys_list_shows_one_active_key_and_no_private_material(fresh_env: Env) 
 
 def test_keys_rotate(fresh_env: Env) -> None:
     (old,) = fresh_env.cli("keys", "list")
-    new = fresh_env.cli("keys", "rotate")
-    assert new["state"] == "active"
+    new = fresh_env.cli("keys", "rotate", "--immediately")
+    # At once, or a second later when the old key activated in this same second.
+    assert new["activates_at"] - new["created_at"] <= 1
     assert new["kid"] != old["kid"]
     assert new["alg"] == "ES256"
+    wait_for(lambda: fresh_env.cli("keys", "list")[-1]["state"] == "active", timeout=2.5)
     listed = {k["kid"]: k for k in fresh_env.cli("keys", "list")}
     assert set(listed) == {old["kid"], new["kid"]}
     assert listed[old["kid"]]["state"] == "retired"
-    assert listed[old["kid"]]["retired_at"] is not None
+    assert listed[old["kid"]]["retires_at"] == new["activates_at"]
     assert listed[new["kid"]]["state"] == "active"
-    eddsa = fresh_env.cli("keys", "rotate", "--alg", "EdDSA")
+    eddsa = fresh_env.cli("keys", "rotate", "--alg", "EdDSA", "--immediately")
     assert eddsa["alg"] == "EdDSA"
+    wait_for(lambda: fresh_env.cli("keys", "list")[-1]["state"] == "active", timeout=2.5)
     states = [k["state"] for k in fresh_env.cli("keys", "list")]
     assert states.count("active") == 1
     assert states.count("retired") == 2
+
+
+def test_keys_rotate_prepublishes_the_new_key(fresh_env: Env) -> None:
+    (old,) = fresh_env.cli("keys", "list")
+    new = fresh_env.cli("keys", "rotate")
+    assert new["state"] == "next"
+    assert new["activates_at"] - new["created_at"] == 1  # LEANAUTH_KEY_PREPUBLISH in tests
+    listed = {k["kid"]: k for k in fresh_env.cli("keys", "list")}
+    assert listed[old["kid"]]["state"] == "active"
+    assert listed[old["kid"]]["retires_at"] == new["activates_at"]
 
 
 def test_keys_rotate_refuses_unknown_alg(fresh_env: Env) -> None:

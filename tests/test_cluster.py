@@ -82,7 +82,7 @@ def test_every_node_sees_a_change_within_a_second(nodes: tuple[Env, list[Server]
     for server in servers:
         wait_for(lambda s=server: request_token(s, app).status_code == 200, timeout=1.0)
 
-    rotated = env.cli("apps", "rotate-secret", app.client_id)
+    rotated = env.cli("apps", "rotate-secret", app.client_id, "--grace", "0")
     new = AppCredentials(app.client_id, rotated["client_secret"], rotated)
     for server in servers:
         wait_for(lambda s=server: request_token(s, app).status_code == 401, timeout=1.0)

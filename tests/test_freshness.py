@@ -94,7 +94,7 @@ def test_disabled_app_cannot_get_customer_tokens(
 
 
 def test_rotated_secret(env: Env, server: Server, fresh_app: AppCredentials) -> None:
-    rotated = env.cli("apps", "rotate-secret", fresh_app.client_id)
+    rotated = env.cli("apps", "rotate-secret", fresh_app.client_id, "--grace", "0")
     new = AppCredentials(fresh_app.client_id, rotated["client_secret"], rotated)
     wait_for(lambda: request_token(server, new).status_code == 200, timeout=FRESH_WITHIN)
     wait_for(lambda: request_token(server, fresh_app).status_code == 401, timeout=FRESH_WITHIN)
@@ -102,7 +102,7 @@ def test_rotated_secret(env: Env, server: Server, fresh_app: AppCredentials) -> 
     assert request_token(server, new).status_code == 200
 
     # A second rotation ends the first new secret as well.
-    again = env.cli("apps", "rotate-secret", fresh_app.client_id)
+    again = env.cli("apps", "rotate-secret", fresh_app.client_id, "--grace", "0")
     newest = AppCredentials(fresh_app.client_id, again["client_secret"], again)
     wait_for(lambda: request_token(server, newest).status_code == 200, timeout=FRESH_WITHIN)
     wait_for(lambda: request_token(server, new).status_code == 401, timeout=FRESH_WITHIN)

@@ -118,7 +118,7 @@ def test_restart_keeps_a_disabled_app_disabled_and_a_rotated_secret(tmp_path: Pa
     disabled = create_app(env, "--name", "Disabled")
     env.cli("apps", "disable", disabled.client_id)
     rotated_from = create_app(env, "--name", "Rotated")
-    rotated = env.cli("apps", "rotate-secret", rotated_from.client_id)
+    rotated = env.cli("apps", "rotate-secret", rotated_from.client_id, "--grace", "0")
     rotated_to = AppCredentials(rotated_from.client_id, rotated["client_secret"], rotated)
     running = start_server(env)
     try:

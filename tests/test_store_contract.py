@@ -11,7 +11,7 @@ import pytest
 
 from leanauth.keys import KeyCipher, StoredKey, new_stored_key
 from leanauth.store import migrate
-from leanauth.store.base import AlreadyExists, NotFound, StoreError
+from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
 from leanauth.store.models import App, ClientSecret, Customer
 from leanauth.store.sql import SqlStore
 
@@ -88,7 +88,7 @@ def test_app_and_first_secret_are_one_transaction(store: SqlStore) -> None:
     first, secret = add_app(store, "First")
     second = make_app("Second")
     # The secret id is taken: the secret insert fails, and the app must not be left behind.
-    with pytest.raises(Exception, match=r"(?i)unique|duplicate|integrity"):
+    with pytest.raises(AlreadyExists):
         store.create_app(second, make_secret(second, secret_id=secret.secret_id))
     assert store.get_app(second.client_id) is None
     assert [a.client_id for a in store.list_apps()] == [first.client_id]
@@ -105,26 +105,98 @@ def test_enable_and_disable(store: SqlStore) -> None:
         store.set_app_enabled(str(uuid.uuid4()), False)
 
 
-def test_replace_secrets_ends_the_old_ones(store: SqlStore) -> None:
+def test_rotate_secret_keeps_the_old_one_for_the_grace_period(store: SqlStore) -> None:
     app, old = add_app(store)
     new = make_secret(app, created_at=NOW + 10)
-    store.replace_secrets(app.client_id, new, NOW + 10)
-    credentials = store.get_credentials(app.client_id, NOW + 10)
+    store.rotate_secret(new, NOW + 10, NOW + 100, frozenset({old.secret_id}))
+    live = store.get_credentials(app.client_id, NOW + 50)
+    assert live is not None
+    assert {s.secret_id for s in live.secrets} == {old.secret_id, new.secret_id}
+    after = store.get_credentials(app.client_id, NOW + 100)
+    assert after is not None
+    assert [s.secret_id for s in after.secrets] == [new.secret_id]
+    ended = {s.secret_id: s.expires_at for s in store.list_secrets(app.client_id)}
+    assert ended == {old.secret_id: NOW + 100, new.secret_id: None}
+
+
+def test_rotate_secret_with_no_grace_ends_the_old_one_now(store: SqlStore) -> None:
+    app, old = add_app(store)
+    new = make_secret(app)
+    store.rotate_secret(new, NOW, NOW, frozenset({old.secret_id}))
+    credentials = store.get_credentials(app.client_id, NOW)
     assert credentials is not None
     assert [s.secret_id for s in credentials.secrets] == [new.secret_id]
-    # Before the rotation instant the old secret was live, and it still is on record.
-    assert {s.secret_id for s in store.list_secrets(app.client_id)} == {
-        old.secret_id,
-        new.secret_id,
-    }
+
+
+def test_at_most_two_live_secrets(store: SqlStore) -> None:
+    app, old = add_app(store)
+    second = make_secret(app)
+    store.rotate_secret(second, NOW, NOW + 100, frozenset({old.secret_id}))
+    with pytest.raises(Conflict, match="revoke one first"):
+        store.rotate_secret(
+            make_secret(app), NOW, NOW + 100, frozenset({old.secret_id, second.secret_id})
+        )
+    store.revoke_secret(app.client_id, old.secret_id, NOW + 1)
+    store.rotate_secret(make_secret(app), NOW + 1, NOW + 100, frozenset({second.secret_id}))
+    assert len(store.get_credentials(app.client_id, NOW + 2).secrets) == 2  # type: ignore[union-attr]
+
+
+def test_a_rotation_that_lost_a_race_changes_nothing(store: SqlStore) -> None:
+    app, old = add_app(store)
+    seen = frozenset({old.secret_id})
+    store.rotate_secret(make_secret(app), NOW, NOW, seen)
+    loser = make_secret(app)
+    with pytest.raises(Conflict, match="changed during the rotation"):
+        store.rotate_secret(loser, NOW, NOW, seen)
+    assert loser.secret_id not in {s.secret_id for s in store.list_secrets(app.client_id)}
+
+
+def test_racing_rotations_one_wins(store: SqlStore) -> None:
+    app, old = add_app(store)
+    seen = frozenset({old.secret_id})
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def rotate() -> None:
+        barrier.wait()
+        try:
+            store.rotate_secret(make_secret(app), NOW, NOW, seen)
+            outcomes.append("won")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=rotate) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["conflict"] * 3 + ["won"]
+    assert len(store.list_secrets(app.client_id)) == 2
+
+
+def test_revoke_and_unknown_secrets(store: SqlStore) -> None:
+    app, old = add_app(store)
     with pytest.raises(NotFound):
-        store.replace_secrets(str(uuid.uuid4()), make_secret(app), NOW)
+        store.revoke_secret(app.client_id, "sec_missing", NOW)
+    with pytest.raises(NotFound):
+        store.rotate_secret(make_secret(make_app()), NOW, NOW, frozenset())
+    store.revoke_secret(app.client_id, old.secret_id, NOW)
+    assert store.get_credentials(app.client_id, NOW).secrets == ()  # type: ignore[union-attr]
+    with pytest.raises(NotFound):  # not live any more
+        store.revoke_secret(app.client_id, old.secret_id, NOW)
+
+
+def test_secret_use_is_recorded_as_the_latest(store: SqlStore) -> None:
+    app, secret = add_app(store)
+    store.record_secret_use({secret.secret_id: NOW + 5})
+    store.record_secret_use({secret.secret_id: NOW + 3})
+    assert store.list_secrets(app.client_id)[0].last_used_at == NOW + 5
 
 
 def test_all_credentials_holds_every_app_with_live_secrets(store: SqlStore) -> None:
     first, first_secret = add_app(store, "One")
-    second, _ = add_app(store, "Two")
-    store.replace_secrets(second.client_id, make_secret(second, created_at=NOW), NOW)
+    second, second_secret = add_app(store, "Two")
+    store.rotate_secret(make_secret(second), NOW, NOW, frozenset({second_secret.secret_id}))
     loaded = {c.app.client_id: c for c in store.all_credentials(NOW + 1)}
     assert set(loaded) == {first.client_id, second.client_id}
     assert loaded[first.client_id].secrets == (first_secret,)
@@ -148,24 +220,48 @@ def test_customers(store: SqlStore) -> None:
     assert store.get_customer(str(uuid.uuid4())) is None
 
 
-def test_first_active_key_is_stored_once(store: SqlStore, cipher: KeyCipher) -> None:
+def test_first_key_is_stored_once(store: SqlStore, cipher: KeyCipher) -> None:
     first = new_stored_key("ES256", cipher, NOW)
-    assert store.ensure_active_key(first) is True
-    assert store.ensure_active_key(new_stored_key("ES256", cipher, NOW)) is False
+    assert store.ensure_signing_key(first) is True
+    assert store.ensure_signing_key(new_stored_key("ES256", cipher, NOW)) is False
     assert store.list_keys() == [first]
 
 
-def test_rotation_retires_the_active_key(store: SqlStore, cipher: KeyCipher) -> None:
+def test_rotation_adds_a_key_and_keeps_the_old(store: SqlStore, cipher: KeyCipher) -> None:
     first = new_stored_key("ES256", cipher, NOW)
-    store.ensure_active_key(first)
-    second = new_stored_key("EdDSA", cipher, NOW + 60)
-    store.rotate_key(second, NOW + 60)
-    keys = {k.kid: k for k in store.list_keys()}
-    assert keys[second.kid] == second
-    assert keys[first.kid].state == "retired"
-    assert keys[first.kid].retired_at == NOW + 60
-    assert keys[first.kid].encrypted_private_key == first.encrypted_private_key
-    assert cipher.decrypt(first.kid, keys[first.kid].encrypted_private_key) is not None
+    store.ensure_signing_key(first)
+    second = new_stored_key("EdDSA", cipher, NOW + 60, activates_at=NOW + 660)
+    assert store.rotate_key(second, NOW + 60) == second
+    assert {k.kid: k for k in store.list_keys()} == {first.kid: first, second.kid: second}
+    assert cipher.decrypt(second.kid, second.encrypted_private_key) is not None
+
+
+def test_a_newer_rotation_replaces_a_key_still_waiting(store: SqlStore, cipher: KeyCipher) -> None:
+    first = new_stored_key("ES256", cipher, NOW)
+    store.ensure_signing_key(first)
+    waiting = new_stored_key("ES256", cipher, NOW + 60, activates_at=NOW + 660)
+    store.rotate_key(waiting, NOW + 60)
+    urgent = new_stored_key("ES256", cipher, NOW + 120, activates_at=NOW + 120)
+    store.rotate_key(urgent, NOW + 120)
+    assert {k.kid for k in store.list_keys()} == {first.kid, urgent.kid}
+
+
+def test_a_rotation_never_ties_with_the_active_key(store: SqlStore, cipher: KeyCipher) -> None:
+    first = new_stored_key("ES256", cipher, NOW)
+    store.ensure_signing_key(first)
+    stored = store.rotate_key(new_stored_key("ES256", cipher, NOW), NOW)
+    assert stored is not None
+    assert stored.activates_at == NOW + 1
+
+
+def test_due_rotation_happens_once(store: SqlStore, cipher: KeyCipher) -> None:
+    store.ensure_signing_key(new_stored_key("ES256", cipher, NOW))
+    due_before = NOW + 100
+    first = new_stored_key("ES256", cipher, NOW + 200)
+    second = new_stored_key("ES256", cipher, NOW + 200)
+    assert store.rotate_key(first, NOW + 200, created_before=due_before) == first
+    assert store.rotate_key(second, NOW + 200, created_before=due_before) is None
+    assert len(store.list_keys()) == 2
 
 
 def test_concurrent_first_starts_make_one_key(store: SqlStore, cipher: KeyCipher) -> None:
@@ -175,7 +271,7 @@ def test_concurrent_first_starts_make_one_key(store: SqlStore, cipher: KeyCipher
 
     def start(candidate: StoredKey) -> None:
         barrier.wait()
-        results.append(store.ensure_active_key(candidate))
+        results.append(store.ensure_signing_key(candidate))
 
     threads = [threading.Thread(target=start, args=(c,)) for c in candidates]
     for thread in threads:
@@ -183,7 +279,7 @@ def test_concurrent_first_starts_make_one_key(store: SqlStore, cipher: KeyCipher
     for thread in threads:
         thread.join()
     assert sorted(results) == [False] * 5 + [True]
-    assert [k.state for k in store.list_keys()] == ["active"]
+    assert len(store.list_keys()) == 1
 
 
 def test_change_feed_names_every_write_in_order(store: SqlStore, cipher: KeyCipher) -> None:

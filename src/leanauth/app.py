@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,13 +11,12 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 
 from leanauth.bootstrap import Runtime, open_runtime
-from leanauth.cache import RegistryCache
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
+from leanauth.endpoints.oauth import oauth_routes
 from leanauth.endpoints.token import TokenEndpoint
 from leanauth.logs import configure_logging
-from leanauth.notify import listener_for
+from leanauth.services import FLUSH_INTERVAL, KEY_ROTATION_CHECK_INTERVAL, Housekeeper, Services
 from leanauth.settings import Settings
-from leanauth.tokens import TokenIssuer
 
 
 class LeanAuthApp:
@@ -24,24 +24,32 @@ class LeanAuthApp:
 
     def __init__(self, runtime: Runtime) -> None:
         settings = runtime.settings
-        self.runtime = runtime
+        self.services = services = Services.build(runtime)
+        self.cache = services.cache
         self._issuer_path = urlsplit(settings.issuer).path.rstrip("/")
-        self.cache = RegistryCache(
-            runtime.store, runtime.cipher, settings.refresh_interval, listener_for(settings)
-        )
-        self.token_endpoint = TokenEndpoint(self.cache, runtime.hasher, TokenIssuer(settings))
-        self.starlette = Starlette(
-            routes=discovery_routes(settings, self.cache), lifespan=self._lifespan
-        )
+        self.token_endpoint = TokenEndpoint(services)
+        jobs: list[tuple[float, Callable[[], None]]] = [(FLUSH_INTERVAL, services.flush)]
+        if settings.key_rotation_days:
+            jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
+        self._housekeeper = Housekeeper(jobs)
+        routes = discovery_routes(settings, self.cache) + oauth_routes(services)
+        self.starlette = Starlette(routes=routes, lifespan=self._lifespan)
 
     @asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        services = self.services
         await self.cache.start()
+        services.throttle.start()
+        self._housekeeper.start()
         try:
             yield
         finally:
+            await self._housekeeper.stop()
             await self.cache.stop()
-            self.runtime.store.close()
+            services.throttle.stop()
+            # What the last second's requests left in memory reaches the store.
+            await asyncio.to_thread(services.flush)
+            services.runtime.store.close()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -59,11 +67,11 @@ class LeanAuthApp:
 
 def create_app(settings: Settings | None = None) -> LeanAuthApp:
     settings = settings or Settings.from_env()
-    return LeanAuthApp(open_runtime(settings))
+    return LeanAuthApp(open_runtime(settings, actor="server"))
 
 
 def serve_app() -> LeanAuthApp:
     """Factory for ``leanauth serve`` workers: the parent process has prepared the store."""
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
-    return LeanAuthApp(open_runtime(settings, schema="none"))
+    return LeanAuthApp(open_runtime(settings, schema="none", actor="server"))

@@ -15,8 +15,9 @@ from leanauth.keys import KeyCipher, new_stored_key
 from leanauth.notify import RedisPublisher
 from leanauth.settings import Settings, SettingsError, decode_key
 from leanauth.store.base import Store
+from leanauth.store.engine import EngineOptions
 from leanauth.store.migrate import require_current
-from leanauth.store.sql import EngineOptions, SqlStore
+from leanauth.store.sql import SqlStore
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Runtime:
     store: Store
     cipher: KeyCipher
     hasher: SecretHasher
+    # Who makes admin changes through this runtime, for the audit trail.
+    actor: str = "cli"
 
 
 def load_key_encryption_key(settings: Settings) -> bytes:
@@ -65,8 +68,6 @@ def check_key_encryption_key(settings: Settings, store: Store, cipher: KeyCipher
     """Refuse to run with a key-encryption key that does not open the stored signing keys:
     with it, every secret check and every signature would fail."""
     for key in store.list_keys():
-        if key.state != "active":
-            continue
         try:
             cipher.decrypt(key.kid, key.encrypted_private_key)
         except InvalidTag:
@@ -80,7 +81,7 @@ def check_key_encryption_key(settings: Settings, store: Store, cipher: KeyCipher
 SchemaMode = Literal["upgrade", "auto", "none"]
 
 
-def open_runtime(settings: Settings, *, schema: SchemaMode = "auto") -> Runtime:
+def open_runtime(settings: Settings, *, schema: SchemaMode = "auto", actor: str = "cli") -> Runtime:
     """Open the store and make it ready.
 
     ``schema``: ``upgrade`` applies pending migrations; ``auto`` applies them to an empty
@@ -100,9 +101,9 @@ def open_runtime(settings: Settings, *, schema: SchemaMode = "auto") -> Runtime:
             store.upgrade_schema()
         if schema != "none":
             require_current(store.engine)
-            store.ensure_active_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
+            store.ensure_signing_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
             check_key_encryption_key(settings, store, cipher)
     except BaseException:
         store.close()
         raise
-    return Runtime(settings, store, cipher, SecretHasher(kek))
+    return Runtime(settings, store, cipher, SecretHasher(kek), actor)

@@ -30,6 +30,7 @@ CUSTOMER_CACHE_SIZE = 100_000
 class CachedClient:
     app: App
     secret_hashes: tuple[bytes, ...]
+    secret_ids: tuple[str, ...]
     # The earliest expiry among the secrets: past it the entry is rebuilt from the store.
     valid_until: float
 
@@ -39,6 +40,7 @@ def _cached(credentials: Credentials) -> CachedClient:
     return CachedClient(
         credentials.app,
         tuple(s.secret_hash for s in credentials.secrets),
+        tuple(s.secret_id for s in credentials.secrets),
         float(min(expiries)) if expiries else float("inf"),
     )
 
@@ -57,6 +59,10 @@ class RegistryCache:
         self._refresh_interval = refresh_interval
         self._clients: dict[str, CachedClient] = {}
         self._customers: OrderedDict[str, Customer] = OrderedDict()
+        # Revoked token ids → their expiry; kept until then.
+        self._revoked: dict[str, int] = {}
+        # monotonic() of the last complete look at the store: how fresh this view is.
+        self.synced_at = 0.0
         self._change_cursor = 0
         self._last_full_load = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -70,9 +76,10 @@ class RegistryCache:
         now = int(time.time())
         self._clients = {c.app.client_id: _cached(c) for c in self._store.all_credentials(now)}
         self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
+        self._revoked = {r.jti: r.expires_at for r in self._store.list_revoked(now)}
         self._customers.clear()
         self._change_cursor = cursor
-        self._last_full_load = time.monotonic()
+        self._last_full_load = self.synced_at = time.monotonic()
 
     def apply_changes(self) -> None:
         """Reload what the change feed names (blocking; run in a worker thread)."""
@@ -89,6 +96,10 @@ class RegistryCache:
                 self._customers.pop(change.entity_id, None)
             elif change.kind == "key":
                 keys_changed = True
+            elif change.kind == "revocation":
+                revoked = self._store.get_revoked(change.entity_id)
+                if revoked is not None:
+                    self._revoked[revoked.jti] = revoked.expires_at
             self._change_cursor = change.change_id
         # Retired keys leave the JWKS with time, not with a change: rebuild when due.
         if keys_changed or self._keys_due(now):
@@ -96,6 +107,8 @@ class RegistryCache:
         for client_id, client in list(self._clients.items()):
             if client.valid_until <= now:
                 self._reload_client(client_id, now)
+        self._revoked = {jti: exp for jti, exp in self._revoked.items() if exp >= now}
+        self.synced_at = time.monotonic()
 
     def _keys_due(self, now: int) -> bool:
         return now >= self.keyring.next_change_at
@@ -131,8 +144,11 @@ class RegistryCache:
     async def _follow_changes(self, wake: asyncio.Event) -> None:
         while True:
             # A notification from another node wakes this at once; else poll on the interval.
+            # The key ring changes with time too (a key activates, a retired one leaves).
+            until_keys_change = self.keyring.next_change_at - time.time()
+            timeout = max(0.01, min(self._refresh_interval, until_keys_change))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=self._refresh_interval)
+                await asyncio.wait_for(wake.wait(), timeout=timeout)
             wake.clear()
             try:
                 await asyncio.to_thread(self.apply_changes)
@@ -142,6 +158,12 @@ class RegistryCache:
                 log.exception("registry refresh failed; serving from cache")
 
     # Hot-path reads
+
+    def add_revoked(self, jti: str, expires_at: int) -> None:
+        self._revoked[jti] = expires_at
+
+    def is_revoked(self, jti: str) -> bool:
+        return jti in self._revoked
 
     def client(self, client_id: str) -> CachedClient | None:
         return self._clients.get(client_id)

@@ -34,7 +34,7 @@ def presented_credentials(
     body_secret = params.get("client_secret")
     if authorization is None:
         if not body_id or not body_secret:
-            raise InvalidClient(detail="no client credentials")
+            raise InvalidClient(detail="no_credentials")
         return PresentedCredentials(body_id, body_secret, "client_secret_post")
     if body_secret is not None:
         raise InvalidRequest("Use one client authentication method, not both.")
@@ -48,27 +48,37 @@ def _decode_basic(authorization: bytes) -> tuple[str, str]:
     """RFC 6749 §2.3.1: id and secret are each form-urlencoded, then joined and Base64'd."""
     scheme, _, encoded = authorization.strip().partition(b" ")
     if scheme.lower() != b"basic":
-        raise InvalidClient(detail="unsupported authorization scheme")
+        raise InvalidClient(detail="unsupported_scheme")
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
-        raise InvalidClient(detail="undecodable basic credentials") from None
+        raise InvalidClient(detail="malformed_credentials") from None
     client_id, colon, client_secret = decoded.partition(":")
     if not colon:
-        raise InvalidClient(detail="basic credentials without a colon")
+        raise InvalidClient(detail="malformed_credentials")
     client_id, client_secret = unquote_plus(client_id), unquote_plus(client_secret)
     if not client_id or not client_secret:
-        raise InvalidClient(detail="empty basic credentials")
+        raise InvalidClient(detail="malformed_credentials")
     return client_id, client_secret
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    client: CachedClient
+    secret_id: str
 
 
 def authenticate(
     credentials: PresentedCredentials, cache: RegistryCache, hasher: SecretHasher
-) -> CachedClient:
+) -> Authenticated:
     client = cache.client(credentials.client_id)
     hashes = client.secret_hashes if client is not None else ()
     # The hash is checked before the other conditions so every failure costs the same.
-    secret_ok = hasher.matches(credentials.client_secret, hashes)
-    if client is None or not secret_ok or not client.app.enabled:
-        raise InvalidClient(detail="unknown client, wrong secret or disabled app")
-    return client
+    matched = hasher.match(credentials.client_secret, hashes)
+    if client is None:
+        raise InvalidClient(detail="unknown_client")
+    if matched is None:
+        raise InvalidClient(detail="wrong_secret")
+    if not client.app.enabled:
+        raise InvalidClient(detail="disabled_app")
+    return Authenticated(client, client.secret_ids[matched])

@@ -43,14 +43,16 @@ class SecretHasher:
         mac.update(secret.encode("utf-8", "surrogatepass"))
         return mac.digest()
 
-    def matches(self, secret: str, stored_hashes: tuple[bytes, ...]) -> bool:
-        """Constant-time check of ``secret`` against every stored hash.
+    def match(self, secret: str, stored_hashes: tuple[bytes, ...]) -> int | None:
+        """Constant-time check of ``secret`` against every stored hash: the index of the
+        matching one, or None.
 
-        With no stored hash (unknown client) the work is still done against a decoy, so an
-        unknown client id and a wrong secret cost the same time.
+        Every hash is compared, and with no stored hash (unknown client) the work is done
+        against a decoy, so an unknown client id and a wrong secret cost the same time.
         """
         candidate = self.hash(secret)
-        found = False
-        for stored in stored_hashes or (self._decoy,):
-            found |= hmac.compare_digest(candidate, stored)
-        return found and bool(stored_hashes)
+        found = None
+        for index, stored in enumerate(stored_hashes or (self._decoy,)):
+            if hmac.compare_digest(candidate, stored):
+                found = index
+        return found if stored_hashes else None

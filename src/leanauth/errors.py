@@ -7,8 +7,10 @@ The tree::
     │   └── PayloadTooLarge         413, invalid_request
     ├── MethodNotAllowed            405, invalid_request, ``Allow: POST``
     ├── InvalidClient               401, invalid_client, ``WWW-Authenticate: Basic``
+    ├── UnauthorizedClient          unauthorized_client
     ├── UnsupportedGrantType        unsupported_grant_type
     ├── InvalidScope                invalid_scope
+    ├── TooManyRequests             429, too_many_requests, ``Retry-After``
     ├── ServerError                 500, server_error
     └── TemporarilyUnavailable      503, temporarily_unavailable
 
@@ -46,7 +48,11 @@ class OAuthError(Exception):
         return orjson.dumps({"error": self.error, "error_description": self.description})
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [*NO_STORE_HEADERS, *self.extra_headers]
+        return [*NO_STORE_HEADERS, *self.extra_headers_list()]
+
+    def extra_headers_list(self) -> list[tuple[bytes, bytes]]:
+        """Headers this error adds to the JSON and no-store ones."""
+        return list(self.extra_headers)
 
 
 class InvalidRequest(OAuthError):
@@ -74,6 +80,11 @@ class InvalidClient(OAuthError):
     extra_headers = ((b"www-authenticate", b'Basic realm="leanauth", charset="UTF-8"'),)
 
 
+class UnauthorizedClient(OAuthError):
+    error = "unauthorized_client"
+    default_description = "This client may not do this."
+
+
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
     default_description = "Only the client_credentials grant is supported."
@@ -82,6 +93,22 @@ class UnsupportedGrantType(OAuthError):
 class InvalidScope(OAuthError):
     error = "invalid_scope"
     default_description = "The requested scope is invalid, unknown or not allowed."
+
+
+class TooManyRequests(OAuthError):
+    """Throttled (too many failed authentications) or over quota. RFC 6749 has no code for
+    this; ``too_many_requests`` names the HTTP status, and ``Retry-After`` says when."""
+
+    error = "too_many_requests"
+    status_code = 429
+    default_description = "Too many requests; retry later."
+
+    def __init__(self, description: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(description)
+        self.retry_after = max(1, retry_after)
+
+    def extra_headers_list(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after).encode())]
 
 
 class ServerError(OAuthError):

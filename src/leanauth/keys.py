@@ -1,8 +1,16 @@
 """Signing keys: generation, JWK views (RFC 7517), thumbprint kids (RFC 7638), encryption at
-rest (AES-256-GCM under the key-encryption key) and the in-process key ring.
+rest (AES-256-GCM under the key-encryption key), the rotation schedule and the key ring.
 
-A key's life: ``active`` (signs new tokens, published) → ``retired`` (signs nothing, stays
-published until every token it signed has expired, plus leeway) → gone from the JWKS.
+A key's life follows from two stored times, so every node derives the same states from the
+same rows, and a rotation is one insert that cannot be left half done::
+
+    created_at            activates_at            next key activates      + RETENTION
+        |---- next ----------|---- active ------------|---- retired ----------|  (gone)
+        published in the JWKS from created_at .......................... until here
+
+``next``: published, signs nothing yet (verifiers' cached JWKS catch up during the
+pre-publication period); ``active``: signs new tokens; ``retired``: signs nothing, stays
+published until every token it signed has expired, plus clock-skew leeway.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from leanauth.settings import MAX_TOKEN_TTL
 
-KeyState = Literal["active", "retired"]
+KeyState = Literal["next", "active", "retired", "expired"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 # How long past its retirement a key stays published: the longest token it can have signed,
 # plus clock-skew leeway for verifiers.
@@ -61,6 +70,23 @@ def public_jwk(key: PrivateKey) -> dict[str, str]:
         return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
     rsa_numbers = key.public_key().public_numbers()
     return {"kty": "RSA", "n": _uint(rsa_numbers.n), "e": _uint(rsa_numbers.e)}
+
+
+def _b64decode_int(text: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+
+def load_public_key(jwk: dict[str, str]) -> PublicKey:
+    """The public key object for a JWK written by :func:`public_jwk`."""
+    if jwk["kty"] == "EC":
+        numbers = ec.EllipticCurvePublicNumbers(
+            _b64decode_int(jwk["x"]), _b64decode_int(jwk["y"]), ec.SECP256R1()
+        )
+        return numbers.public_key()
+    if jwk["kty"] == "OKP":
+        raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    return rsa.RSAPublicNumbers(_b64decode_int(jwk["e"]), _b64decode_int(jwk["n"])).public_key()
 
 
 def thumbprint(jwk: dict[str, str]) -> str:
@@ -105,35 +131,62 @@ class StoredKey:
 
     kid: str
     alg: str
-    state: KeyState
     encrypted_private_key: bytes
     public_jwk: dict[str, str]
     created_at: int
-    activated_at: int | None = None
-    retired_at: int | None = None
-
-    def published_at(self, now: int) -> bool:
-        if self.state == "active":
-            return True
-        return self.retired_at is not None and now < self.retired_at + RETIRED_KEY_PUBLISHED_FOR
+    activates_at: int
 
     def jwk(self) -> dict[str, str]:
         return {**self.public_jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
 
 
-def new_stored_key(alg: str, cipher: KeyCipher, now: int) -> StoredKey:
+def new_stored_key(
+    alg: str, cipher: KeyCipher, now: int, activates_at: int | None = None
+) -> StoredKey:
     private = generate_private_key(alg)
     jwk = public_jwk(private)
     kid = thumbprint(jwk)
     return StoredKey(
         kid=kid,
         alg=alg,
-        state="active",
         encrypted_private_key=cipher.encrypt(kid, private),
         public_jwk=jwk,
         created_at=now,
-        activated_at=now,
+        activates_at=now if activates_at is None else activates_at,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPhase:
+    """When one key is published, signs, and leaves the JWKS (None: not scheduled yet)."""
+
+    key: StoredKey
+    retires_at: int | None
+    unpublished_at: int | None
+
+    def state(self, now: int) -> KeyState:
+        if now < self.key.activates_at:
+            return "next"
+        if self.retires_at is None or now < self.retires_at:
+            return "active"
+        if self.unpublished_at is None or now < self.unpublished_at:
+            return "retired"
+        return "expired"
+
+    def published(self, now: int) -> bool:
+        return self.state(now) != "expired"
+
+
+def schedule(keys: Iterable[StoredKey]) -> list[KeyPhase]:
+    """Every key's phases, in activation order: a key retires when the next one activates."""
+    ordered = sorted(keys, key=lambda k: (k.activates_at, k.created_at, k.kid))
+    phases = []
+    for index, key in enumerate(ordered):
+        successor = ordered[index + 1] if index + 1 < len(ordered) else None
+        retires_at = successor.activates_at if successor else None
+        unpublished_at = retires_at + RETIRED_KEY_PUBLISHED_FOR if retires_at is not None else None
+        phases.append(KeyPhase(key, retires_at, unpublished_at))
+    return phases
 
 
 class Signer:
@@ -166,25 +219,28 @@ class Signer:
 
 
 class KeyRing:
-    """The in-process view of the signing keys: one active signer and the published JWKS."""
+    """The in-process view of the signing keys at one moment: the signer and the JWKS."""
 
     def __init__(self, keys: Iterable[StoredKey], cipher: KeyCipher, now: int) -> None:
-        keys = sorted(keys, key=lambda k: (k.activated_at or 0, k.created_at), reverse=True)
-        active = next((k for k in keys if k.state == "active"), None)
-        if active is None:
+        phases = schedule(keys)
+        active = [p.key for p in phases if p.state(now) == "active"]
+        if not active:
             raise LookupError("no active signing key; run `leanauth keys rotate`")
-        self.signer = Signer(
-            active.kid, active.alg, cipher.decrypt(active.kid, active.encrypted_private_key)
-        )
-        published = [k.jwk() for k in keys if k.published_at(now)]
+        key = active[-1]
+        self.signer = Signer(key.kid, key.alg, cipher.decrypt(key.kid, key.encrypted_private_key))
+        # Newest first: verifiers that try keys in order find the signer's key soonest.
+        published = [p.key.jwk() for p in reversed(phases) if p.published(now)]
         self.jwks: dict[str, Any] = {"keys": published}
         self.jwks_body = orjson.dumps(self.jwks)
-        # When the next retired key leaves the JWKS: the ring is rebuilt then.
-        self.next_change_at = min(
-            (
-                k.retired_at + RETIRED_KEY_PUBLISHED_FOR
-                for k in keys
-                if k.retired_at and k.published_at(now)
-            ),
-            default=2**62,
-        )
+        # Public keys of every published key, for this server's own checks of its tokens
+        # (introspection, revocation).
+        self.public_keys: dict[str, tuple[str, PublicKey]] = {
+            p.key.kid: (p.key.alg, load_public_key(p.key.public_jwk))
+            for p in phases
+            if p.published(now)
+        }
+        # The next moment a key activates or leaves the JWKS: the ring is rebuilt then.
+        moments = [p.key.activates_at for p in phases] + [
+            p.unpublished_at for p in phases if p.unpublished_at is not None
+        ]
+        self.next_change_at = min((m for m in moments if m > now), default=2**62)

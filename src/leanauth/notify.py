@@ -80,25 +80,43 @@ class PostgresListener(_ListenerThread):
                     wake()
 
 
-class RedisListener(_ListenerThread):
-    name = "redis-listener"
+class RedisSubscriber(_ListenerThread):
+    """Calls ``on_message(payload)`` for each message on a Redis pub/sub channel."""
 
-    def __init__(self, url: str) -> None:
+    name = "redis-subscriber"
+
+    def __init__(self, url: str, channel: str, on_message: Callable[[bytes], None]) -> None:
         super().__init__()
         self._url = url
+        self._channel = channel
+        self._on_message = on_message
 
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         client = redis.Redis.from_url(self._url, socket_connect_timeout=5)
         pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
-            pubsub.subscribe(NOTIFY_CHANNEL)
+            pubsub.subscribe(self._channel)
             wake()
             while not stopping.is_set():
-                if pubsub.get_message(timeout=1.0) is not None:
-                    wake()
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self._on_message(message["data"])
         finally:
             pubsub.close()
             client.close()
+
+
+class RedisListener(RedisSubscriber):
+    """Change notifications over Redis: any message on the channel means "look now"."""
+
+    name = "redis-listener"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, NOTIFY_CHANNEL, lambda _: None)
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._on_message = lambda _: wake()
+        super().start(wake)
 
 
 class RedisPublisher:

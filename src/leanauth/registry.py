@@ -1,22 +1,35 @@
-"""Registry operations shared by the CLI and the HTTP admin surfaces: apps, secrets,
-customers and key rotation. Each is one store transaction."""
+"""Registry operations shared by the CLI and the HTTP surfaces: apps, secrets, customers and
+key rotation. Each change is one store transaction, then one audit record (kind ``admin``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
 
+import orjson
+
+from leanauth.audit import audit_record, now_ms
 from leanauth.bootstrap import Runtime
 from leanauth.credentials import new_client_secret, new_secret_id
 from leanauth.keys import StoredKey, new_stored_key
 from leanauth.scopes import ScopeClass
 from leanauth.settings import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from leanauth.store.base import NotFound
-from leanauth.store.models import App, ClientSecret, Customer
+from leanauth.store.models import App, AuditEvent, ClientSecret, Customer
+
+log = logging.getLogger("leanauth.audit")
 
 MAX_APP_NAME = 200
+DEFAULT_SECRET_GRACE = 86_400
 MAX_APP_USER_ID = 255
+
+
+def _audit(runtime: Runtime, action: str, client_id: str | None, **detail: object) -> None:
+    event = AuditEvent(now_ms(), "admin", action, client_id, runtime.actor, detail or None)
+    runtime.store.add_audit_events([event])
+    log.info("%s", orjson.dumps(audit_record(event)).decode())
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,14 @@ def _issue_secret(runtime: Runtime, client_id: str, now: int) -> tuple[str, Clie
 
 
 def create_app(
-    runtime: Runtime, name: str, scopes: frozenset[ScopeClass], token_ttl: int | None = None
+    runtime: Runtime,
+    name: str,
+    scopes: frozenset[ScopeClass],
+    token_ttl: int | None = None,
+    *,
+    introspect: bool = False,
+    quota_hourly: int | None = None,
+    quota_daily: int | None = None,
 ) -> NewCredentials:
     name = name.strip()
     if not name or len(name) > MAX_APP_NAME:
@@ -44,19 +64,58 @@ def create_app(
         raise ValueError(f"the token lifetime must be {MIN_TOKEN_TTL} to {MAX_TOKEN_TTL} seconds")
     if not scopes:
         raise ValueError("an app needs at least one scope class")
+    check_quotas(quota_hourly, quota_daily)
     now = int(time.time())
-    app = App(str(uuid.uuid4()), name, scopes, token_ttl, True, now)
+    app = App(
+        str(uuid.uuid4()), name, scopes, token_ttl, True, now, introspect, quota_hourly, quota_daily
+    )
     plaintext, record = _issue_secret(runtime, app.client_id, now)
     runtime.store.create_app(app, record)
+    _audit(runtime, "app.create", app.client_id, name=name, secret_id=record.secret_id)
     return NewCredentials(app, plaintext, record.secret_id)
 
 
-def rotate_secret(runtime: Runtime, client_id: str) -> NewCredentials:
+def rotate_secret(
+    runtime: Runtime, client_id: str, grace: int = DEFAULT_SECRET_GRACE
+) -> NewCredentials:
+    """Issue a new secret; the old one keeps working for ``grace`` seconds (0: ends now).
+
+    At most two secrets are live at once. Of two rotations racing on one app, one wins and
+    the other fails with :class:`~leanauth.store.base.Conflict`, changing nothing.
+    """
+    if grace < 0:
+        raise ValueError("the grace period cannot be negative")
     app = require_app(runtime, client_id)
     now = int(time.time())
+    live = frozenset(s.secret_id for s in runtime.store.list_secrets(client_id) if s.live_at(now))
     plaintext, record = _issue_secret(runtime, client_id, now)
-    runtime.store.replace_secrets(client_id, record, now)
+    runtime.store.rotate_secret(record, now, now + grace, live)
+    _audit(runtime, "secret.rotate", client_id, secret_id=record.secret_id, grace=grace)
     return NewCredentials(app, plaintext, record.secret_id)
+
+
+def revoke_secret(runtime: Runtime, client_id: str, secret_id: str) -> None:
+    runtime.store.revoke_secret(client_id, secret_id, int(time.time()))
+    _audit(runtime, "secret.revoke", client_id, secret_id=secret_id)
+
+
+def set_enabled(runtime: Runtime, client_id: str, enabled: bool) -> App:
+    app = runtime.store.set_app_enabled(client_id, enabled)
+    _audit(runtime, "app.enable" if enabled else "app.disable", client_id)
+    return app
+
+
+def check_quotas(hourly: int | None, daily: int | None) -> None:
+    for name, value in (("hourly", hourly), ("daily", daily)):
+        if value is not None and value < 1:
+            raise ValueError(f"the {name} quota must be a positive number of tokens")
+
+
+def set_quotas(runtime: Runtime, client_id: str, hourly: int | None, daily: int | None) -> App:
+    check_quotas(hourly, daily)
+    app = runtime.store.update_app(client_id, quota_hourly=hourly, quota_daily=daily)
+    _audit(runtime, "app.quota", client_id, quota_hourly=hourly, quota_daily=daily)
+    return app
 
 
 def require_app(runtime: Runtime, client_id: str) -> App:
@@ -72,11 +131,38 @@ def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Custo
     require_app(runtime, client_id)
     customer = Customer(str(uuid.uuid4()), client_id, app_user_id, int(time.time()))
     runtime.store.create_customer(customer)
+    _audit(runtime, "customer.create", client_id, customer_id=customer.customer_id)
     return customer
 
 
-def rotate_key(runtime: Runtime, alg: str | None = None) -> StoredKey:
+def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = False) -> StoredKey:
+    """Publish a new signing key now; it signs after the pre-publication period
+    (``immediately``: at once, for a compromised key: verifiers holding a cached JWKS will
+    refuse its tokens until they refetch)."""
     now = int(time.time())
-    key = new_stored_key(alg or runtime.settings.signing_alg, runtime.cipher, now)
-    runtime.store.rotate_key(key, now)
+    activates_at = now if immediately else now + runtime.settings.key_prepublish
+    candidate = new_stored_key(
+        alg or runtime.settings.signing_alg, runtime.cipher, now, activates_at
+    )
+    key = runtime.store.rotate_key(candidate, now)
+    assert key is not None
+    _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
+    return key
+
+
+def rotate_key_if_due(runtime: Runtime, now: int) -> StoredKey | None:
+    """Automatic rotation: a new key when the newest is ``key_rotation_days`` old. Of several
+    processes due at once, one rotates."""
+    days = runtime.settings.key_rotation_days
+    keys = runtime.store.list_keys()
+    due_before = now - days * 86_400
+    if not days or (keys and max(k.created_at for k in keys) >= due_before):
+        return None
+    candidate = new_stored_key(
+        runtime.settings.signing_alg, runtime.cipher, now, now + runtime.settings.key_prepublish
+    )
+    key = runtime.store.rotate_key(candidate, now, created_before=due_before)
+    if key is None:
+        return None
+    _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
     return key

@@ -9,11 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import limits
 
 SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
 
@@ -74,6 +77,27 @@ class Settings:
     refresh_interval: float = 1.0
     # LEANAUTH_JWKS_MAX_AGE: seconds a client may cache the JWKS and the metadata.
     jwks_max_age: int = 300
+    # LEANAUTH_KEY_PREPUBLISH: seconds a new signing key is published before it signs, so
+    # verifiers' cached JWKS hold it first; at least LEANAUTH_JWKS_MAX_AGE.
+    key_prepublish: int = 600
+    # LEANAUTH_KEY_ROTATION_DAYS: rotate the signing key automatically when the newest key is
+    # this many days old (0: only by `leanauth keys rotate`).
+    key_rotation_days: int = 0
+    # LEANAUTH_AUTH_FAILURE_LIMIT / LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT: failed client
+    # authentications allowed per (client id, source address) and per source address, as
+    # "N per SECOND|MINUTE|HOUR"; past them the token endpoint answers 429 to that pair or
+    # address until the window ends (RFC 6749 §2.3.1 asks for brute-force protection).
+    auth_failure_limit: str = "10 per minute"
+    auth_failure_address_limit: str = "100 per minute"
+    # LEANAUTH_TRUSTED_PROXIES: comma list of proxy addresses or networks whose
+    # X-Forwarded-For is believed; from anyone else the peer address is the source.
+    trusted_proxies: tuple[str, ...] = ()
+    # LEANAUTH_INTROSPECTION_MAX_STALENESS: seconds the revocation list may go without a
+    # successful refresh before introspection answers 503 rather than risk a wrong answer.
+    introspection_max_staleness: float = 10.0
+    # LEANAUTH_AUDIT_LOG: also emit every audit record as a log line (they always go to the
+    # database); "all", "failures" (failed authentications and admin changes) or "none".
+    audit_log: str = "failures"
     # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
     log_level: str = "info"
     # LEANAUTH_LOG_FORMAT: ``plain`` lines for people or ``json``, one object per line.
@@ -129,7 +153,23 @@ class Settings:
                 "LOG_LEVEL", cls.log_level, ("debug", "info", "warning", "error")
             ),
             log_format=reader.choice("LOG_FORMAT", cls.log_format, ("plain", "json")),
+            key_prepublish=reader.integer("KEY_PREPUBLISH", cls.key_prepublish, 0, 30 * 86_400),
+            key_rotation_days=reader.integer("KEY_ROTATION_DAYS", cls.key_rotation_days, 0, 3650),
+            auth_failure_limit=reader.rate("AUTH_FAILURE_LIMIT", cls.auth_failure_limit),
+            auth_failure_address_limit=reader.rate(
+                "AUTH_FAILURE_ADDRESS_LIMIT", cls.auth_failure_address_limit
+            ),
+            trusted_proxies=reader.networks("TRUSTED_PROXIES"),
+            introspection_max_staleness=reader.number(
+                "INTROSPECTION_MAX_STALENESS", cls.introspection_max_staleness, 1, 3600
+            ),
+            audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
         )
+        if settings.key_prepublish < settings.jwks_max_age:
+            raise SettingsError(
+                f"LEANAUTH_KEY_PREPUBLISH: must be at least LEANAUTH_JWKS_MAX_AGE "
+                f"({settings.jwks_max_age}), got {settings.key_prepublish}"
+            )
         return settings
 
 
@@ -205,6 +245,28 @@ class _Reader:
         if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in raw:
             raise self._fail("DATABASE_URL", "expected sqlite:///PATH or postgresql://...")
         return raw
+
+    def rate(self, name: str, default: str) -> str:
+        raw = self._raw(name) or default
+        try:
+            limits.parse(raw)
+        except ValueError:
+            raise self._fail(
+                name, f"expected 'N per second|minute|hour|day', got {raw!r}"
+            ) from None
+        return raw
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        parts = tuple(p.strip() for p in raw.split(",") if p.strip())
+        for part in parts:
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise self._fail(name, f"{part!r} is not an address or network") from None
+        return parts
 
     def redis_url(self) -> str | None:
         raw = self._raw("REDIS_URL")

@@ -23,6 +23,7 @@ from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL, Settings
 class IssuedToken:
     access_token: str
     expires_in: int
+    expires_at: int
     scope: str
     jti: str
 
@@ -62,4 +63,4 @@ class TokenIssuer:
             claims["customers"] = [{"id": scope.customer_id}]
         signing_input = signer.encoded_header + b"." + b64url(orjson.dumps(claims)).encode("ascii")
         token = signing_input + b"." + b64url(signer.sign(signing_input)).encode("ascii")
-        return IssuedToken(token.decode("ascii"), ttl, scope.value, jti)
+        return IssuedToken(token.decode("ascii"), ttl, now + ttl, scope.value, jti)

@@ -14,6 +14,7 @@ from leanauth.settings import Settings
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path)
 JWKS_PATH = "/oauth2/jwks"
+AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 
 
 def metadata_document(settings: Settings) -> dict[str, object]:
@@ -25,7 +26,11 @@ def metadata_document(settings: Settings) -> dict[str, object]:
         "grant_types_supported": ["client_credentials"],
         # RFC 8414 §2 makes this member REQUIRED; there is no authorization endpoint here.
         "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "revocation_endpoint": issuer + "/oauth2/revoke",
+        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        "introspection_endpoint": issuer + "/oauth2/introspect",
+        "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
         "scopes_supported": ["api"],
     }
 

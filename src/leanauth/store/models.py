@@ -7,7 +7,7 @@ from typing import Literal
 
 from leanauth.scopes import ScopeClass
 
-ChangeKind = Literal["app", "customer", "key"]
+ChangeKind = Literal["app", "customer", "key", "revocation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,11 @@ class App:
     token_ttl: int | None
     enabled: bool
     created_at: int
+    # May call the introspection endpoint for any app's tokens (a resource server).
+    introspect: bool = False
+    # Caps on tokens issued per UTC hour and per UTC day (None: no cap).
+    quota_hourly: int | None = None
+    quota_daily: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,7 @@ class ClientSecret:
     secret_hash: bytes
     created_at: int
     expires_at: int | None = None
+    last_used_at: int | None = None
 
     def live_at(self, now: int) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -57,3 +63,24 @@ class Change:
     change_id: int
     kind: ChangeKind
     entity_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedToken:
+    jti: str
+    client_id: str
+    expires_at: int
+    revoked_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit record: never a secret or a token, only what happened to whom."""
+
+    at_ms: int
+    kind: str
+    outcome: str
+    client_id: str | None = None
+    source: str | None = None
+    detail: dict[str, object] | None = None
+    event_id: int | None = None

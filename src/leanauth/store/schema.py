@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -28,6 +29,9 @@ apps = Table(
     Column("token_ttl", Integer, nullable=True),
     Column("enabled", Boolean, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    Column("introspect", Boolean, nullable=False, server_default=false()),
+    Column("quota_hourly", Integer, nullable=True),
+    Column("quota_daily", Integer, nullable=True),
 )
 
 client_secrets = Table(
@@ -38,6 +42,7 @@ client_secrets = Table(
     Column("secret_hash", LargeBinary(64), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=True),
+    Column("last_used_at", BigInteger, nullable=True),
 )
 
 customers = Table(
@@ -55,12 +60,10 @@ signing_keys = Table(
     metadata,
     Column("kid", String(64), primary_key=True),
     Column("alg", String(10), nullable=False),
-    Column("state", String(10), nullable=False),
     Column("encrypted_private_key", LargeBinary, nullable=False),
     Column("public_jwk", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
-    Column("activated_at", BigInteger, nullable=True),
-    Column("retired_at", BigInteger, nullable=True),
+    Column("activates_at", BigInteger, nullable=False),
 )
 
 changes = Table(
@@ -71,4 +74,36 @@ changes = Table(
     Column("entity_id", String(64), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Index("ix_changes_created_at", "created_at"),
+)
+
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("client_id", String(36), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Index("ix_revoked_tokens_expires_at", "expires_at"),
+)
+
+app_usage = Table(
+    "app_usage",
+    metadata,
+    Column("client_id", String(36), primary_key=True),
+    Column("window", String(16), primary_key=True),  # "h:2026112907" or "d:20261129" (UTC)
+    Column("tokens", BigInteger, nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("event_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("client_id", String(64), nullable=True),
+    Column("source", String(64), nullable=True),
+    Column("detail", Text, nullable=True),
+    Index("ix_audit_events_at", "at_ms"),
+    Index("ix_audit_events_client_at", "client_id", "at_ms"),
 )

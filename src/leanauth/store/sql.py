@@ -1,85 +1,30 @@
-"""The SQLAlchemy store: SQLite (the embedded default) and PostgreSQL share this code."""
+"""The SQLAlchemy store: SQLite (the embedded default) and PostgreSQL share this code.
+
+:class:`SqlStore` is the registry (apps, secrets, customers, signing keys) here, plus the
+records of :mod:`leanauth.store.records` (revocations, usage, audit).
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy import Connection, func, insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from leanauth.keys import StoredKey
 from leanauth.scopes import SCOPE_CLASSES, ScopeClass
-from leanauth.store import migrate, schema
-from leanauth.store.base import AlreadyExists, ChangePublisher, NotFound, StoreError
-from leanauth.store.models import App, Change, ChangeKind, ClientSecret, Credentials, Customer
+from leanauth.store import schema
+from leanauth.store.base import AlreadyExists, Conflict, NotFound
+from leanauth.store.models import App, ClientSecret, Credentials, Customer
+from leanauth.store.records import SqlRecords
+from leanauth.store.sqlbase import CHANGE_FEED_LOCK_KEY, NOTIFY_CHANNEL, SqlBase
 
-# Change rows older than this are pruned: every process re-reads everything far more often.
-CHANGE_RETENTION = 3600
-NOTIFY_CHANNEL = "leanauth_changes"
-PENDING_CHANGES = "leanauth_pending_changes"
-CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
+__all__ = ["CHANGE_FEED_LOCK_KEY", "NOTIFY_CHANNEL", "SqlStore"]
 
-
-@dataclass(frozen=True)
-class EngineOptions:
-    pool_size: int = 5
-    connect_timeout: float = 5.0
-    statement_timeout: float = 5.0
-
-
-def postgres_url(url: str) -> str:
-    """Any spelling of a PostgreSQL URL, as SQLAlchemy's psycopg (3) dialect wants it."""
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url.removeprefix("postgres://")
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return url
-
-
-def engine_for(url: str, options: EngineOptions | None = None) -> Engine:
-    options = options or EngineOptions()
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path and path != ":memory:":
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot create the database's folder for {path}: {exc.strerror}"
-                ) from None
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    statement_ms = int(options.statement_timeout * 1000)
-    return create_engine(
-        postgres_url(url),
-        pool_size=options.pool_size,
-        max_overflow=options.pool_size,
-        pool_pre_ping=True,
-        pool_timeout=options.connect_timeout,
-        connect_args={
-            "connect_timeout": max(1, round(options.connect_timeout)),
-            "options": f"-c statement_timeout={statement_ms}",
-            "application_name": "leanauth",
-        },
-    )
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets the server's readers run while the CLI writes; busy_timeout waits out locks.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+MAX_LIVE_SECRETS = 2
 
 
 def _scopes_text(scopes: frozenset[ScopeClass]) -> str:
@@ -99,6 +44,9 @@ def _app(row: Any) -> App:
         token_ttl=row.token_ttl,
         enabled=bool(row.enabled),
         created_at=row.created_at,
+        introspect=bool(row.introspect),
+        quota_hourly=row.quota_hourly,
+        quota_daily=row.quota_daily,
     )
 
 
@@ -109,6 +57,7 @@ def _secret(row: Any) -> ClientSecret:
         secret_hash=bytes(row.secret_hash),
         created_at=row.created_at,
         expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
     )
 
 
@@ -120,103 +69,74 @@ def _key(row: Any) -> StoredKey:
     return StoredKey(
         kid=row.kid,
         alg=row.alg,
-        state=row.state,
         encrypted_private_key=bytes(row.encrypted_private_key),
         public_jwk=orjson.loads(row.public_jwk),
         created_at=row.created_at,
-        activated_at=row.activated_at,
-        retired_at=row.retired_at,
+        activates_at=row.activates_at,
     )
 
 
-class SqlStore:
-    """:class:`leanauth.store.base.Store` on SQLAlchemy Core."""
+def _live(now: int) -> Any:
+    c = schema.client_secrets.c
+    return c.expires_at.is_(None) | (c.expires_at > now)
 
-    def __init__(
-        self,
-        url: str,
-        options: EngineOptions | None = None,
-        publish: ChangePublisher | None = None,
-    ) -> None:
-        self.engine = engine_for(url, options)
-        # Told the kind of each committed change (Redis pub/sub, when configured).
-        self._publish = publish
 
-    def upgrade_schema(self) -> None:
-        try:
-            migrate.upgrade(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(str(exc).splitlines()[0]) from exc
-
-    def schema_revision(self) -> str | None:
-        try:
-            return migrate.current_revision(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(str(exc).splitlines()[0]) from exc
-
-    def close(self) -> None:
-        self.engine.dispose()
-        if self._publish is not None:
-            self._publish.close()
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as conn:
-                yield conn
-        except SQLAlchemyError as exc:
-            raise StoreError(str(exc).splitlines()[0]) from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        kinds: list[str] = []
-        try:
-            with self.engine.begin() as conn:
-                conn.info[PENDING_CHANGES] = kinds
-                try:
-                    yield conn
-                finally:
-                    conn.info.pop(PENDING_CHANGES, None)
-        except IntegrityError:
-            raise
-        except SQLAlchemyError as exc:
-            raise StoreError(str(exc).splitlines()[0]) from exc
-        if self._publish is not None:
-            for kind in dict.fromkeys(kinds):
-                self._publish(kind)
-
-    @staticmethod
-    def _record_change(conn: Connection, kind: ChangeKind, entity_id: str) -> None:
-        now = int(time.time())
-        if conn.dialect.name == "postgresql":
-            # Readers follow the feed by change_id: the lock makes ids commit in order, so a
-            # reader never sees id n+1 before id n is visible. NOTIFY is sent on commit.
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_FEED_LOCK_KEY})
-            conn.execute(
-                text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
-            )
-        conn.execute(insert(schema.changes).values(kind=kind, entity_id=entity_id, created_at=now))
-        conn.info[PENDING_CHANGES].append(kind)
-        conn.execute(
-            schema.changes.delete().where(schema.changes.c.created_at < now - CHANGE_RETENTION)
-        )
-
-    # Apps and secrets
+class SqlRegistry(SqlBase):
+    # Apps
 
     def create_app(self, app: App, secret: ClientSecret) -> None:
-        with self._write() as conn:
-            conn.execute(
-                insert(schema.apps).values(
-                    client_id=app.client_id,
-                    name=app.name,
-                    scopes=_scopes_text(app.scopes),
-                    token_ttl=app.token_ttl,
-                    enabled=app.enabled,
-                    created_at=app.created_at,
+        """The app and its first secret: one transaction."""
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    insert(schema.apps).values(
+                        client_id=app.client_id,
+                        name=app.name,
+                        scopes=_scopes_text(app.scopes),
+                        token_ttl=app.token_ttl,
+                        enabled=app.enabled,
+                        created_at=app.created_at,
+                        introspect=app.introspect,
+                        quota_hourly=app.quota_hourly,
+                        quota_daily=app.quota_daily,
+                    )
                 )
+                self._insert_secret(conn, secret)
+                self._record_change(conn, "app", app.client_id)
+        except IntegrityError as exc:
+            raise AlreadyExists(f"app {app.client_id} or its secret id exists already") from exc
+
+    def get_app(self, client_id: str) -> App | None:
+        with self._read() as conn:
+            return self._app_in(conn, client_id)
+
+    @staticmethod
+    def _app_in(conn: Connection, client_id: str) -> App | None:
+        row = conn.execute(select(schema.apps).where(schema.apps.c.client_id == client_id)).first()
+        return _app(row) if row else None
+
+    def list_apps(self) -> Sequence[App]:
+        order = (schema.apps.c.created_at, schema.apps.c.name)
+        with self._read() as conn:
+            return [_app(r) for r in conn.execute(select(schema.apps).order_by(*order))]
+
+    def update_app(self, client_id: str, **values: object) -> App:
+        """Change some of an app's settings (enabled, quotas, introspect, token_ttl)."""
+        with self._write() as conn:
+            done = conn.execute(
+                update(schema.apps).where(schema.apps.c.client_id == client_id).values(values)
             )
-            self._insert_secret(conn, secret)
-            self._record_change(conn, "app", app.client_id)
+            if done.rowcount == 0:
+                raise NotFound(f"no app {client_id}")
+            self._record_change(conn, "app", client_id)
+            app = self._app_in(conn, client_id)
+        assert app is not None
+        return app
+
+    def set_app_enabled(self, client_id: str, enabled: bool) -> App:
+        return self.update_app(client_id, enabled=enabled)
+
+    # Secrets
 
     @staticmethod
     def _insert_secret(conn: Connection, secret: ClientSecret) -> None:
@@ -230,82 +150,94 @@ class SqlStore:
             )
         )
 
-    def get_app(self, client_id: str) -> App | None:
-        with self._read() as conn:
-            row = conn.execute(
-                select(schema.apps).where(schema.apps.c.client_id == client_id)
-            ).first()
-        return _app(row) if row else None
+    def rotate_secret(
+        self,
+        secret: ClientSecret,
+        now: int,
+        old_expires_at: int,
+        expected_live: frozenset[str],
+    ) -> None:
+        """Add ``secret``; the app's live secrets end at ``old_expires_at`` at the latest.
 
-    def list_apps(self) -> Sequence[App]:
-        with self._read() as conn:
-            rows = conn.execute(
-                select(schema.apps).order_by(schema.apps.c.created_at, schema.apps.c.name)
+        ``expected_live`` is the set of live secret ids the caller saw: if another rotation
+        changed it meanwhile, this one fails with :class:`Conflict` and changes nothing, so
+        no freshly shown secret is silently replaced.
+        """
+        c = schema.client_secrets.c
+        with self._write() as conn:
+            if not self._lock_row(conn, schema.apps, schema.apps.c.client_id, secret.client_id):
+                raise NotFound(f"no app {secret.client_id}")
+            live_query = select(c.secret_id, c.expires_at).where(
+                c.client_id == secret.client_id, _live(now)
             )
-            return [_app(r) for r in rows]
+            live = {row.secret_id: row.expires_at for row in conn.execute(live_query)}
+            if frozenset(live) != expected_live:
+                raise Conflict("the app's secrets changed during the rotation; run it again")
+            if len(live) >= MAX_LIVE_SECRETS:
+                raise Conflict(
+                    f"the app has {len(live)} live secrets already: "
+                    "revoke one first (apps revoke-secret)"
+                )
+            for secret_id, expires_at in live.items():
+                ends = old_expires_at if expires_at is None else min(expires_at, old_expires_at)
+                conn.execute(
+                    update(schema.client_secrets)
+                    .where(c.secret_id == secret_id)
+                    .values(expires_at=ends)
+                )
+            self._insert_secret(conn, secret)
+            self._record_change(conn, "app", secret.client_id)
 
-    def set_app_enabled(self, client_id: str, enabled: bool) -> App:
+    def revoke_secret(self, client_id: str, secret_id: str, now: int) -> None:
+        """End one secret now (it may already be in its grace period)."""
+        c = schema.client_secrets.c
         with self._write() as conn:
             done = conn.execute(
-                update(schema.apps)
-                .where(schema.apps.c.client_id == client_id)
-                .values(enabled=enabled)
-            )
-            if done.rowcount == 0:
-                raise NotFound(f"no app {client_id}")
-            self._record_change(conn, "app", client_id)
-            row = conn.execute(
-                select(schema.apps).where(schema.apps.c.client_id == client_id)
-            ).one()
-        return _app(row)
-
-    def replace_secrets(self, client_id: str, secret: ClientSecret, now: int) -> None:
-        secrets = schema.client_secrets.c
-        with self._write() as conn:
-            if (
-                conn.execute(
-                    select(schema.apps.c.client_id).where(schema.apps.c.client_id == client_id)
-                ).first()
-                is None
-            ):
-                raise NotFound(f"no app {client_id}")
-            conn.execute(
                 update(schema.client_secrets)
-                .where(secrets.client_id == client_id)
-                .where((secrets.expires_at.is_(None)) | (secrets.expires_at > now))
+                .where(c.client_id == client_id, c.secret_id == secret_id, _live(now))
                 .values(expires_at=now)
             )
-            self._insert_secret(conn, secret)
+            if done.rowcount == 0:
+                raise NotFound(f"app {client_id} has no live secret {secret_id}")
             self._record_change(conn, "app", client_id)
+
+    def record_secret_use(self, last_used: Mapping[str, int]) -> None:
+        """Batch of secret id → last use time, written off the hot path."""
+        if not last_used:
+            return
+        c = schema.client_secrets.c
+        with self._write() as conn:
+            for secret_id, used_at in sorted(last_used.items()):
+                conn.execute(
+                    update(schema.client_secrets)
+                    .where(c.secret_id == secret_id)
+                    .where(c.last_used_at.is_(None) | (c.last_used_at < used_at))
+                    .values(last_used_at=used_at)
+                )
 
     def list_secrets(self, client_id: str) -> Sequence[ClientSecret]:
         c = schema.client_secrets.c
+        query = select(schema.client_secrets).where(c.client_id == client_id)
         with self._read() as conn:
-            rows = conn.execute(
-                select(schema.client_secrets).where(c.client_id == client_id).order_by(c.created_at)
-            )
-            return [_secret(r) for r in rows]
+            return [_secret(r) for r in conn.execute(query.order_by(c.created_at, c.secret_id))]
 
     def get_credentials(self, client_id: str, now: int) -> Credentials | None:
+        c = schema.client_secrets.c
         with self._read() as conn:
-            row = conn.execute(
-                select(schema.apps).where(schema.apps.c.client_id == client_id)
-            ).first()
-            if row is None:
+            app = self._app_in(conn, client_id)
+            if app is None:
                 return None
-            c = schema.client_secrets.c
             rows = conn.execute(select(schema.client_secrets).where(c.client_id == client_id))
             live = tuple(s for s in map(_secret, rows) if s.live_at(now))
-        return Credentials(_app(row), live)
+        return Credentials(app, live)
 
     def all_credentials(self, now: int) -> Sequence[Credentials]:
         with self._read() as conn:
             apps = [_app(r) for r in conn.execute(select(schema.apps))]
             by_app: dict[str, list[ClientSecret]] = {}
-            for row in conn.execute(select(schema.client_secrets)):
+            for row in conn.execute(select(schema.client_secrets).where(_live(now))):
                 secret = _secret(row)
-                if secret.live_at(now):
-                    by_app.setdefault(secret.client_id, []).append(secret)
+                by_app.setdefault(secret.client_id, []).append(secret)
         return [Credentials(app, tuple(by_app.get(app.client_id, ()))) for app in apps]
 
     # Customers
@@ -313,14 +245,7 @@ class SqlStore:
     def create_customer(self, customer: Customer) -> None:
         try:
             with self._write() as conn:
-                if (
-                    conn.execute(
-                        select(schema.apps.c.client_id).where(
-                            schema.apps.c.client_id == customer.client_id
-                        )
-                    ).first()
-                    is None
-                ):
+                if self._app_in(conn, customer.client_id) is None:
                     raise NotFound(f"no app {customer.client_id}")
                 conn.execute(
                     insert(schema.customers).values(
@@ -335,21 +260,25 @@ class SqlStore:
             raise AlreadyExists(f"app_user_id {customer.app_user_id!r} already exists") from exc
 
     def get_customer(self, customer_id: str) -> Customer | None:
-        with self._read() as conn:
-            row = conn.execute(
-                select(schema.customers).where(schema.customers.c.customer_id == customer_id)
-            ).first()
-        return _customer(row) if row else None
-
-    def list_customers(self, client_id: str) -> Sequence[Customer]:
         c = schema.customers.c
         with self._read() as conn:
-            rows = conn.execute(
-                select(schema.customers)
-                .where(c.client_id == client_id)
-                .order_by(c.created_at, c.app_user_id)
-            )
-            return [_customer(r) for r in rows]
+            row = conn.execute(select(schema.customers).where(c.customer_id == customer_id)).first()
+        return _customer(row) if row else None
+
+    def list_customers(
+        self, client_id: str, limit: int | None = None, after: str | None = None
+    ) -> Sequence[Customer]:
+        """An app's customers in creation order; ``after`` a customer id, for paging."""
+        c = schema.customers.c
+        query = select(schema.customers).where(c.client_id == client_id)
+        if after is not None:
+            anchor = select(c.created_at).where(c.customer_id == after).scalar_subquery()
+            query = query.where(tuple_(c.created_at, c.customer_id) > tuple_(anchor, after))
+        query = query.order_by(c.created_at, c.customer_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            return [_customer(r) for r in conn.execute(query)]
 
     # Signing keys
 
@@ -363,60 +292,60 @@ class SqlStore:
             insert(schema.signing_keys).values(
                 kid=key.kid,
                 alg=key.alg,
-                state=key.state,
                 encrypted_private_key=key.encrypted_private_key,
                 public_jwk=orjson.dumps(key.public_jwk).decode(),
                 created_at=key.created_at,
-                activated_at=key.activated_at,
-                retired_at=key.retired_at,
+                activates_at=key.activates_at,
             )
         )
 
-    def ensure_active_key(self, candidate: StoredKey) -> bool:
+    def ensure_signing_key(self, candidate: StoredKey) -> bool:
+        """Store ``candidate`` unless a key exists; True if it was stored. Several processes
+        starting at once on an empty database store exactly one."""
         keys = schema.signing_keys
         with self._write() as conn:
             self._lock_keys(conn)
-            count = conn.execute(
-                select(func.count()).select_from(keys).where(keys.c.state == "active")
-            ).scalar_one()
-            if count:
+            if conn.execute(select(func.count()).select_from(keys)).scalar_one():
                 return False
             self._insert_key(conn, candidate)
             self._record_change(conn, "key", candidate.kid)
             return True
 
-    def rotate_key(self, new_key: StoredKey, now: int) -> None:
+    def rotate_key(
+        self, new_key: StoredKey, now: int, created_before: int | None = None
+    ) -> StoredKey | None:
+        """Add ``new_key`` (it signs from its ``activates_at``) in one transaction.
+
+        A key still waiting to activate signed nothing, so it is dropped: the newest rotation
+        wins. The new key activates strictly after every remaining key, so the order of keys
+        never rests on a tie. With ``created_before``, rotate only if no key is newer than
+        that (automatic rotation: of several nodes due at once, one rotates). Returns the key
+        as stored, or None when no rotation was due.
+        """
         keys = schema.signing_keys
         with self._write() as conn:
             self._lock_keys(conn)
-            conn.execute(
-                update(keys).where(keys.c.state == "active").values(state="retired", retired_at=now)
-            )
+            if created_before is not None:
+                newest = conn.execute(select(func.max(keys.c.created_at))).scalar_one()
+                if newest is not None and newest >= created_before:
+                    return None
+            conn.execute(keys.delete().where(keys.c.activates_at > now))
+            latest = conn.execute(select(func.max(keys.c.activates_at))).scalar_one()
+            if latest is not None and new_key.activates_at <= latest:
+                new_key = replace(new_key, activates_at=latest + 1)
             self._insert_key(conn, new_key)
             self._record_change(conn, "key", new_key.kid)
+            return new_key
 
-    def _lock_keys(self, conn: Connection) -> None:
-        """Serialise key changes across processes (two first starts must not make two keys)."""
+    @staticmethod
+    def _lock_keys(conn: Connection) -> None:
+        """Serialise key changes across processes."""
         if conn.dialect.name == "sqlite":
             # Take SQLite's write lock now rather than at the first write.
             conn.exec_driver_sql("UPDATE signing_keys SET kid = kid WHERE 0")
         else:
             conn.exec_driver_sql("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")
 
-    # Change feed
 
-    def latest_change_id(self) -> int:
-        with self._read() as conn:
-            return int(
-                conn.execute(
-                    select(func.coalesce(func.max(schema.changes.c.change_id), 0))
-                ).scalar_one()
-            )
-
-    def changes_since(self, change_id: int) -> Sequence[Change]:
-        c = schema.changes.c
-        with self._read() as conn:
-            rows = conn.execute(
-                select(schema.changes).where(c.change_id > change_id).order_by(c.change_id)
-            )
-            return [Change(r.change_id, r.kind, r.entity_id) for r in rows]
+class SqlStore(SqlRegistry, SqlRecords):
+    """:class:`leanauth.store.base.Store` on SQLAlchemy Core."""

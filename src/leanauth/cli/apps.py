@@ -1,0 +1,220 @@
+"""``leanauth apps``: apps (OAuth clients), their secrets and quotas."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from leanauth import registry
+from leanauth.cli.common import emit, json_option, parse_duration, runtime
+from leanauth.quotas import usage_windows
+from leanauth.scopes import parse_scope_classes
+from leanauth.store.models import App, ClientSecret
+
+
+def app_json(app: App) -> dict[str, Any]:
+    return {
+        "client_id": app.client_id,
+        "name": app.name,
+        "scopes": sorted(app.scopes),
+        "token_ttl": app.token_ttl,
+        "enabled": app.enabled,
+        "introspect": app.introspect,
+        "quota_hourly": app.quota_hourly,
+        "quota_daily": app.quota_daily,
+        "created_at": app.created_at,
+    }
+
+
+def secret_json(secret: ClientSecret, now: int) -> dict[str, Any]:
+    return {
+        "secret_id": secret.secret_id,
+        "created_at": secret.created_at,
+        "expires_at": secret.expires_at,
+        "last_used_at": secret.last_used_at,
+        "live": secret.live_at(now),
+    }
+
+
+def app_text(app: App) -> str:
+    ttl = f"{app.token_ttl}s" if app.token_ttl else "default"
+    state = "enabled" if app.enabled else "disabled"
+    extras = " introspect" if app.introspect else ""
+    scopes = ",".join(sorted(app.scopes))
+    return f"{app.client_id}  {app.name}  scopes={scopes}  ttl={ttl}  {state}{extras}"
+
+
+def _when(ts: int | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else "-"
+
+
+@click.group()
+def apps() -> None:
+    """Apps (OAuth clients), their secrets and quotas."""
+
+
+quota_options = [
+    click.option("--quota-hourly", type=click.IntRange(min=1), help="Tokens per UTC hour."),
+    click.option("--quota-daily", type=click.IntRange(min=1), help="Tokens per UTC day."),
+]
+
+
+@apps.command("create")
+@click.option("--name", required=True, help="A name for people.")
+@click.option("--scopes", default="api,customer", show_default=True, help="Allowed scope classes.")
+@click.option("--token-ttl", type=int, help="Token lifetime in seconds for this app.")
+@click.option(
+    "--introspect", is_flag=True, help="May introspect any app's tokens (a resource server)."
+)
+@quota_options[0]
+@quota_options[1]
+@json_option
+def apps_create(
+    name: str,
+    scopes: str,
+    token_ttl: int | None,
+    introspect: bool,
+    quota_hourly: int | None,
+    quota_daily: int | None,
+    as_json: bool,
+) -> None:
+    """Create an app and print its client_id and client_secret (shown only this once)."""
+    with runtime() as rt:
+        created = registry.create_app(
+            rt,
+            name,
+            parse_scope_classes(scopes),
+            token_ttl,
+            introspect=introspect,
+            quota_hourly=quota_hourly,
+            quota_daily=quota_daily,
+        )
+        data = {
+            **app_json(created.app),
+            "client_secret": created.client_secret,
+            "secret_id": created.secret_id,
+        }
+        text = (
+            f"client_id:     {created.app.client_id}\n"
+            f"client_secret: {created.client_secret}\n"
+            "The secret is shown only now: store it safely."
+        )
+        emit(as_json, data, text)
+
+
+@apps.command("list")
+@json_option
+def apps_list(as_json: bool) -> None:
+    """List every app."""
+    with runtime() as rt:
+        found = rt.store.list_apps()
+        text = "\n".join(app_text(a) for a in found) or "no apps"
+        emit(as_json, [app_json(a) for a in found], text)
+
+
+@apps.command("show")
+@click.argument("client_id")
+@json_option
+def apps_show(client_id: str, as_json: bool) -> None:
+    """Show one app: settings, secrets (ids and times, never the secrets) and token usage."""
+    with runtime() as rt:
+        app = registry.require_app(rt, client_id)
+        now = int(time.time())
+        secrets = rt.store.list_secrets(client_id)
+        hour, day = usage_windows(now)
+        used = rt.store.usage([hour.name, day.name], client_id)
+        usage = {
+            "this_hour": used.get((client_id, hour.name), 0),
+            "today": used.get((client_id, day.name), 0),
+        }
+        data = {**app_json(app), "secrets": [secret_json(s, now) for s in secrets], "usage": usage}
+        lines = [app_text(app)]
+        lines += [
+            f"  secret {s.secret_id}  created {_when(s.created_at)}  expires {_when(s.expires_at)}"
+            f"  last used {_when(s.last_used_at)}{'' if s.live_at(now) else '  (ended)'}"
+            for s in secrets
+        ]
+        hourly = f"/{app.quota_hourly}" if app.quota_hourly else ""
+        daily = f"/{app.quota_daily}" if app.quota_daily else ""
+        lines.append(
+            f"  tokens this hour {usage['this_hour']}{hourly}, today {usage['today']}{daily}"
+        )
+        emit(as_json, data, "\n".join(lines))
+
+
+def _set_enabled(client_id: str, enabled: bool, as_json: bool) -> None:
+    with runtime() as rt:
+        app = registry.set_enabled(rt, client_id, enabled)
+        emit(as_json, app_json(app), app_text(app))
+
+
+@apps.command("disable")
+@click.argument("client_id")
+@json_option
+def apps_disable(client_id: str, as_json: bool) -> None:
+    """Disable an app: its credentials stop working at once."""
+    _set_enabled(client_id, False, as_json)
+
+
+@apps.command("enable")
+@click.argument("client_id")
+@json_option
+def apps_enable(client_id: str, as_json: bool) -> None:
+    """Enable a disabled app."""
+    _set_enabled(client_id, True, as_json)
+
+
+@apps.command("rotate-secret")
+@click.argument("client_id")
+@click.option(
+    "--grace",
+    default="24h",
+    show_default=True,
+    help="How long the old secret keeps working (0 ends it now; 90s, 30m, 24h, 7d).",
+)
+@json_option
+def apps_rotate_secret(client_id: str, grace: str, as_json: bool) -> None:
+    """Issue a new secret; the old one works until the grace period ends."""
+    seconds = parse_duration(grace)
+    with runtime() as rt:
+        rotated = registry.rotate_secret(rt, client_id, seconds)
+        data = {
+            "client_id": client_id,
+            "client_secret": rotated.client_secret,
+            "secret_id": rotated.secret_id,
+            "old_secrets_expire_at": int(time.time()) + seconds,
+        }
+        text = f"client_id:     {client_id}\nclient_secret: {rotated.client_secret}"
+        emit(as_json, data, text)
+
+
+@apps.command("revoke-secret")
+@click.argument("client_id")
+@click.argument("secret_id")
+@json_option
+def apps_revoke_secret(client_id: str, secret_id: str, as_json: bool) -> None:
+    """End one of an app's secrets now."""
+    with runtime() as rt:
+        registry.revoke_secret(rt, client_id, secret_id)
+        data = {"client_id": client_id, "secret_id": secret_id, "revoked": True}
+        emit(as_json, data, f"secret {secret_id} revoked")
+
+
+@apps.command("set-quota")
+@click.argument("client_id")
+@quota_options[0]
+@quota_options[1]
+@json_option
+def apps_set_quota(
+    client_id: str, quota_hourly: int | None, quota_daily: int | None, as_json: bool
+) -> None:
+    """Set (or, with neither option, remove) an app's token quotas."""
+    with runtime() as rt:
+        app = registry.set_quotas(rt, client_id, quota_hourly, quota_daily)
+        emit(as_json, app_json(app), app_text(app))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(apps)

@@ -1,0 +1,109 @@
+"""``leanauth serve`` and ``leanauth init``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+import uvicorn
+
+from leanauth import registry
+from leanauth.bootstrap import Runtime
+from leanauth.cli.common import emit, json_option, runtime
+from leanauth.logs import configure_logging
+
+
+@click.command()
+@click.option("--host", help="Address to listen on [LEANAUTH_HOST, 127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on [LEANAUTH_PORT, 8000].")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes."
+)
+@json_option
+def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> None:
+    """Run the server (migrates an empty database and makes the first signing key)."""
+    if host:
+        os.environ["LEANAUTH_HOST"] = host
+    if port:
+        os.environ["LEANAUTH_PORT"] = str(port)
+    if as_json:
+        os.environ["LEANAUTH_LOG_FORMAT"] = "json"
+    # Workers are separate processes that read the same environment.
+    with runtime() as rt:
+        settings = rt.settings
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        "leanauth.app:serve_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        # Access logs are off: query strings can carry credentials, and the audit trail
+        # records requests without them.
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level,
+        server_header=False,
+        # The source address of a request is decided by LEANAUTH_TRUSTED_PROXIES alone.
+        proxy_headers=False,
+    )
+
+
+@click.command()
+@click.option(
+    "--demo", is_flag=True, help="Create a demo app when there is none and print how to use it."
+)
+@json_option
+def init(demo: bool, as_json: bool) -> None:
+    """Apply migrations; prepare the key-encryption key and the first signing key."""
+    with runtime(schema="upgrade") as rt:
+        data: dict[str, Any] = {"database_url": rt.settings.database_url}
+        lines = [f"database ready: {rt.settings.database_url}"]
+        if demo:
+            demo_app = data["demo_app"] = demo_credentials(rt)
+            if demo_app is None:
+                lines.append("apps exist already: `leanauth apps create --name NAME` makes one")
+            else:
+                lines += [
+                    "",
+                    f"demo app: {demo_app['name']}",
+                    f"  client_id:     {demo_app['client_id']}",
+                    f"  client_secret: {demo_app['client_secret']}",
+                    "",
+                    "get a first token (once the server is up):",
+                    f"  curl -s -X POST {rt.settings.issuer}/oauth2/token \\",
+                    "    -d grant_type=client_credentials -d scope=api \\",
+                    f"    -d client_id={demo_app['client_id']} \\",
+                    f"    -d client_secret={demo_app['client_secret']}",
+                ]
+        emit(as_json, data, "\n".join(lines))
+
+
+def demo_credentials(rt: Runtime) -> dict[str, Any] | None:
+    """The demo app's credentials: created on the first run, kept in a 0600 file after."""
+    path = rt.settings.data_dir / "demo-app.json"
+    if path.exists():
+        saved: dict[str, Any] = json.loads(path.read_text())
+        app = rt.store.get_app(saved["client_id"])
+        if app is not None and app.enabled:
+            return saved
+    if rt.store.list_apps() and not path.exists():
+        return None
+    created = registry.create_app(rt, "Demo app", frozenset({"api", "customer"}))
+    saved = {
+        "name": created.app.name,
+        "client_id": created.app.client_id,
+        "client_secret": created.client_secret,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(saved, handle)
+    return saved
+
+
+def register(group: click.Group) -> None:
+    group.add_command(serve)
+    group.add_command(init)

@@ -1,0 +1,127 @@
+"""``POST /oauth2/revoke`` (RFC 7009) and ``POST /oauth2/introspect`` (RFC 7662).
+
+Both authenticate the client exactly as the token endpoint does (same methods, same uniform
+failure, same throttle) and check tokens against this server's own published keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jwt
+import orjson
+from starlette.routing import Route
+
+from leanauth.endpoints.oauthbase import Attempt, OAuthEndpoint, Receive, Scope
+from leanauth.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
+from leanauth.services import Services
+from leanauth.store.base import StoreError
+from leanauth.store.models import RevokedToken
+
+REVOKE_PATH = "/oauth2/revoke"
+INTROSPECT_PATH = "/oauth2/introspect"
+# An access token here is a few hundred bytes; anything far larger is not one of ours.
+MAX_TOKEN_LENGTH = 8192
+REQUIRED_CLAIMS = ["iss", "sub", "exp", "iat", "jti", "client_id", "scope"]
+
+
+def token_parameter(params: dict[str, str]) -> str:
+    token = params.get("token")
+    if token is None:
+        raise InvalidRequest("The token parameter is required.")
+    return token
+
+
+def decode_own_token(
+    services: Services, token: str, *, check_expiry: bool
+) -> dict[str, Any] | None:
+    """The claims of a token this server signed with a key it still publishes, else None."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        return None
+    try:
+        header = jwt.get_unverified_header(token)
+        alg, key = services.cache.keyring.public_keys[header["kid"]]
+        if header.get("typ") != "at+jwt" or header.get("alg") != alg:
+            return None
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            issuer=services.runtime.settings.issuer,
+            options={
+                "verify_aud": False,
+                "verify_exp": check_expiry,
+                "require": REQUIRED_CLAIMS,
+            },
+        )
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+        return None
+    return claims
+
+
+class RevocationEndpoint(OAuthEndpoint):
+    """RFC 7009: an app revokes its own tokens. Invalid or expired tokens answer 200 (the
+    client cannot do anything about them); another app's token is refused."""
+
+    audit_kind = "revocation"
+
+    async def handle(self, scope: Scope, receive: Receive, attempt: Attempt) -> bytes:
+        services = self._services
+        form = await self.read_form(scope, receive, attempt)
+        now = time.time()
+        caller = self.authenticate(form, attempt, now).client.app
+        claims = decode_own_token(services, token_parameter(form.params), check_expiry=False)
+        if claims is None or claims["exp"] < now:
+            services.audit.record("revocation", "not_revoked", caller.client_id, attempt.source)
+            return b""
+        if claims["client_id"] != caller.client_id:
+            raise UnauthorizedClient("The token was not issued to this client.")
+        revoked = RevokedToken(claims["jti"], caller.client_id, claims["exp"], int(now))
+        try:
+            await asyncio.to_thread(services.runtime.store.revoke_token, revoked)
+        except StoreError as exc:
+            raise TemporarilyUnavailable(detail=str(exc)) from exc
+        services.cache.add_revoked(revoked.jti, revoked.expires_at)
+        detail = {"jti": revoked.jti, "exp": revoked.expires_at}
+        services.audit.record("revocation", "revoked", caller.client_id, attempt.source, detail)
+        return b""
+
+
+class IntrospectionEndpoint(OAuthEndpoint):
+    """RFC 7662: the owning app, or an app flagged as a resource server, learns whether a
+    token is active. A view of the revocation list older than the configured staleness answers
+    503 rather than risk calling a revoked token active, or a good one inactive."""
+
+    audit_kind = "introspection"
+
+    async def handle(self, scope: Scope, receive: Receive, attempt: Attempt) -> bytes:
+        services = self._services
+        form = await self.read_form(scope, receive, attempt)
+        now = time.time()
+        caller = self.authenticate(form, attempt, now).client.app
+        claims = decode_own_token(services, token_parameter(form.params), check_expiry=True)
+        allowed = claims is not None and (
+            caller.introspect or claims["client_id"] == caller.client_id
+        )
+        if claims is None or not allowed:
+            services.audit.record("introspection", "inactive", caller.client_id, attempt.source)
+            return orjson.dumps({"active": False})
+        staleness = time.monotonic() - services.cache.synced_at
+        if staleness > services.runtime.settings.introspection_max_staleness:
+            raise TemporarilyUnavailable(detail=f"revocation list {staleness:.0f}s old")
+        if services.cache.is_revoked(claims["jti"]):
+            services.audit.record("introspection", "inactive", caller.client_id, attempt.source)
+            return orjson.dumps({"active": False})
+        services.audit.record(
+            "introspection", "active", caller.client_id, attempt.source, {"jti": claims["jti"]}
+        )
+        return orjson.dumps({"active": True, "token_type": "Bearer", **claims})
+
+
+def oauth_routes(services: Services) -> list[Route]:
+    return [
+        Route(REVOKE_PATH, RevocationEndpoint(services)),
+        Route(INTROSPECT_PATH, IntrospectionEndpoint(services)),
+    ]

@@ -1,0 +1,105 @@
+"""The parts a running server is made of, built once from the runtime, and the background
+work that keeps request handling free of database writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from leanauth import registry
+from leanauth.audit import AuditTrail
+from leanauth.bootstrap import Runtime
+from leanauth.cache import RegistryCache
+from leanauth.notify import listener_for
+from leanauth.quotas import UsageCounter
+from leanauth.throttle import FailureThrottle, SourceAddress
+from leanauth.tokens import TokenIssuer
+
+log = logging.getLogger("leanauth.services")
+
+FLUSH_INTERVAL = 1.0
+KEY_ROTATION_CHECK_INTERVAL = 60.0
+
+
+@dataclass
+class Services:
+    runtime: Runtime
+    cache: RegistryCache
+    issuer: TokenIssuer
+    throttle: FailureThrottle
+    usage: UsageCounter
+    audit: AuditTrail
+    source_address: SourceAddress
+    # Secret id → last time it authenticated, written to the store in batches.
+    secret_use: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, runtime: Runtime) -> Services:
+        settings = runtime.settings
+        return cls(
+            runtime=runtime,
+            cache=RegistryCache(
+                runtime.store, runtime.cipher, settings.refresh_interval, listener_for(settings)
+            ),
+            issuer=TokenIssuer(settings),
+            throttle=FailureThrottle(settings),
+            usage=UsageCounter(runtime.store),
+            audit=AuditTrail(runtime.store, settings.audit_log),
+            source_address=SourceAddress(settings.trusted_proxies),
+        )
+
+    def flush(self) -> None:
+        """Write what requests recorded in memory to the store (blocking); what cannot be
+        written now is kept for the next flush."""
+        for step in (self._flush_secret_use, self.usage.flush, self.audit.flush):
+            try:
+                step()
+            except Exception as exc:
+                log.warning("background write failed (will retry): %s", exc)
+
+    def _flush_secret_use(self) -> None:
+        used, self.secret_use = self.secret_use, {}
+        try:
+            self.runtime.store.record_secret_use(used)
+        except Exception:
+            for secret_id, at in used.items():
+                self.secret_use.setdefault(secret_id, at)
+            raise
+
+    def rotate_key_if_due(self) -> None:
+        key = registry.rotate_key_if_due(self.runtime, int(time.time()))
+        if key is not None:
+            log.info(
+                "rotated the signing key automatically: %s signs from %d", key.kid, key.activates_at
+            )
+
+
+class Housekeeper:
+    """Runs blocking background jobs in a worker thread, each on its own interval."""
+
+    def __init__(self, jobs: list[tuple[float, Callable[[], None]]]) -> None:
+        self._jobs = jobs
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._every(i, job)) for i, job in self._jobs]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @staticmethod
+    async def _every(interval: float, job: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(job)
+            except Exception:
+                log.exception("background job failed")

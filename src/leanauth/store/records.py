@@ -1,0 +1,129 @@
+"""Records the server writes as it runs: revoked tokens, token usage per app and window, and
+the audit trail. Usage and audit rows arrive in batches, written off the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import insert, select
+
+from leanauth.store import schema
+from leanauth.store.models import AuditEvent, RevokedToken
+from leanauth.store.sqlbase import SqlBase
+
+
+def _revoked(row: Any) -> RevokedToken:
+    return RevokedToken(row.jti, row.client_id, row.expires_at, row.revoked_at)
+
+
+def _event(row: Any) -> AuditEvent:
+    return AuditEvent(
+        at_ms=row.at_ms,
+        kind=row.kind,
+        outcome=row.outcome,
+        client_id=row.client_id,
+        source=row.source,
+        detail=orjson.loads(row.detail) if row.detail else None,
+        event_id=row.event_id,
+    )
+
+
+class SqlRecords(SqlBase):
+    # Revoked tokens (RFC 7009): kept until the token would have expired anyway.
+
+    def revoke_token(self, revoked: RevokedToken) -> bool:
+        """Record a revocation; False when the token was revoked already."""
+        table = schema.revoked_tokens
+        with self._write() as conn:
+            statement = self._upsert(conn, table).values(
+                jti=revoked.jti,
+                client_id=revoked.client_id,
+                expires_at=revoked.expires_at,
+                revoked_at=revoked.revoked_at,
+            )
+            done = conn.execute(statement.on_conflict_do_nothing(index_elements=["jti"]))
+            if done.rowcount == 0:
+                return False
+            conn.execute(table.delete().where(table.c.expires_at < revoked.revoked_at))
+            self._record_change(conn, "revocation", revoked.jti)
+            return True
+
+    def get_revoked(self, jti: str) -> RevokedToken | None:
+        table = schema.revoked_tokens
+        with self._read() as conn:
+            row = conn.execute(select(table).where(table.c.jti == jti)).first()
+        return _revoked(row) if row else None
+
+    def list_revoked(self, now: int) -> Sequence[RevokedToken]:
+        table = schema.revoked_tokens
+        with self._read() as conn:
+            return [
+                _revoked(r) for r in conn.execute(select(table).where(table.c.expires_at >= now))
+            ]
+
+    # Token usage per app and window (quotas)
+
+    def add_usage(self, deltas: Mapping[tuple[str, str], int], keep: Sequence[str]) -> None:
+        """Add token counts per (client id, window), and delete every window not in ``keep``
+        (windows are named ``h:YYYYMMDDHH`` and ``d:YYYYMMDD``, UTC)."""
+        if not deltas:
+            return
+        table = schema.app_usage
+        with self._write() as conn:
+            for (client_id, window), count in sorted(deltas.items()):
+                statement = self._upsert(conn, table).values(
+                    client_id=client_id, window=window, tokens=count
+                )
+                conn.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["client_id", "window"],
+                        set_={"tokens": table.c.tokens + statement.excluded.tokens},
+                    )
+                )
+            conn.execute(table.delete().where(table.c.window.not_in(keep)))
+
+    def usage(
+        self, windows: Sequence[str], client_id: str | None = None
+    ) -> dict[tuple[str, str], int]:
+        """Tokens issued per (client id, window) for the named windows."""
+        table = schema.app_usage
+        query = select(table).where(table.c.window.in_(windows))
+        if client_id is not None:
+            query = query.where(table.c.client_id == client_id)
+        with self._read() as conn:
+            return {(r.client_id, r.window): int(r.tokens) for r in conn.execute(query)}
+
+    # Audit trail
+
+    def add_audit_events(self, events: Sequence[AuditEvent]) -> None:
+        if not events:
+            return
+        rows = [
+            {
+                "at_ms": e.at_ms,
+                "kind": e.kind,
+                "outcome": e.outcome,
+                "client_id": e.client_id,
+                "source": e.source,
+                "detail": orjson.dumps(e.detail).decode() if e.detail else None,
+            }
+            for e in events
+        ]
+        with self._write() as conn:
+            conn.execute(insert(schema.audit_events), rows)
+
+    def list_audit_events(
+        self, client_id: str | None = None, since_ms: int | None = None, limit: int = 1000
+    ) -> Sequence[AuditEvent]:
+        """The newest ``limit`` events (optionally of one app, since a time), oldest first."""
+        c = schema.audit_events.c
+        query = select(schema.audit_events)
+        if client_id is not None:
+            query = query.where(c.client_id == client_id)
+        if since_ms is not None:
+            query = query.where(c.at_ms >= since_ms)
+        query = query.order_by(c.at_ms.desc(), c.event_id.desc()).limit(limit)
+        with self._read() as conn:
+            return [_event(r) for r in reversed(conn.execute(query).all())]

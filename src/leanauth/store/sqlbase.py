@@ -1,0 +1,128 @@
+"""What every part of the SQLAlchemy store shares: the engine, transactions with one error
+mapping, schema migrations and the change feed that keeps other processes' caches fresh."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from leanauth.store import migrate, schema
+from leanauth.store.base import ChangePublisher, StoreError
+from leanauth.store.engine import EngineOptions, engine_for
+from leanauth.store.models import Change, ChangeKind
+
+# Change rows older than this are pruned: every process re-reads everything far more often.
+CHANGE_RETENTION = 3600
+NOTIFY_CHANNEL = "leanauth_changes"
+PENDING_CHANGES = "leanauth_pending_changes"
+CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class SqlBase:
+    def __init__(
+        self,
+        url: str,
+        options: EngineOptions | None = None,
+        publish: ChangePublisher | None = None,
+    ) -> None:
+        self.engine = engine_for(url, options)
+        # Told the kind of each committed change (Redis pub/sub, when configured).
+        self._publish = publish
+
+    def upgrade_schema(self) -> None:
+        try:
+            migrate.upgrade(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(_first_line(exc)) from exc
+
+    def schema_revision(self) -> str | None:
+        try:
+            return migrate.current_revision(self.engine)
+        except SQLAlchemyError as exc:
+            raise StoreError(_first_line(exc)) from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._publish is not None:
+            self._publish.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(_first_line(exc)) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One transaction; IntegrityError passes through for the caller to name."""
+        kinds: list[str] = []
+        try:
+            with self.engine.begin() as conn:
+                conn.info[PENDING_CHANGES] = kinds
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop(PENDING_CHANGES, None)
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(_first_line(exc)) from exc
+        if self._publish is not None:
+            for kind in dict.fromkeys(kinds):
+                self._publish(kind)
+
+    @staticmethod
+    def _upsert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT that can take ON CONFLICT clauses, in the connection's dialect."""
+        if conn.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    @staticmethod
+    def _lock_row(conn: Connection, table: Any, column: Any, value: str) -> bool:
+        """Lock one row for the rest of the transaction (a no-op update takes the row lock on
+        PostgreSQL and the write lock on SQLite); False when the row does not exist."""
+        return (
+            conn.execute(table.update().where(column == value).values({column: value})).rowcount > 0
+        )
+
+    @staticmethod
+    def _record_change(conn: Connection, kind: ChangeKind, entity_id: str) -> None:
+        now = int(time.time())
+        if conn.dialect.name == "postgresql":
+            # Readers follow the feed by change_id: the lock makes ids commit in order, so a
+            # reader never sees id n+1 before id n is visible. NOTIFY is sent on commit.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_FEED_LOCK_KEY})
+            conn.execute(
+                text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
+            )
+        conn.execute(insert(schema.changes).values(kind=kind, entity_id=entity_id, created_at=now))
+        conn.info[PENDING_CHANGES].append(kind)
+        conn.execute(
+            schema.changes.delete().where(schema.changes.c.created_at < now - CHANGE_RETENTION)
+        )
+
+    def latest_change_id(self) -> int:
+        with self._read() as conn:
+            latest = select(func.coalesce(func.max(schema.changes.c.change_id), 0))
+            return int(conn.execute(latest).scalar_one())
+
+    def changes_since(self, change_id: int) -> Sequence[Change]:
+        c = schema.changes.c
+        with self._read() as conn:
+            rows = conn.execute(
+                select(schema.changes).where(c.change_id > change_id).order_by(c.change_id)
+            )
+            return [Change(r.change_id, r.kind, r.entity_id) for r in rows]
