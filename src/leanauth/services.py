@@ -97,9 +97,11 @@ class Housekeeper:
 
     @staticmethod
     async def _every(interval: float, job: Callable[[], None]) -> None:
+        # Each job runs once at start (a key rotation that fell due while no node was up
+        # happens now), then on its interval.
         while True:
-            await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(job)
             except Exception:
                 log.exception("background job failed")
+            await asyncio.sleep(interval)
