@@ -35,6 +35,7 @@ def cluster_env(tmp_path: Path, postgres: PostgresDatabases, **extra: str) -> En
             "LEANAUTH_DATABASE_URL": postgres.create(),
             "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
             "LEANAUTH_REFRESH_INTERVAL": SLOW_POLL,
+            "LEANAUTH_INTROSPECTION_MAX_STALENESS": str(2 * int(SLOW_POLL)),
             **extra,
         },
     )

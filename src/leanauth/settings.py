@@ -93,7 +93,8 @@ class Settings:
     # X-Forwarded-For is believed; from anyone else the peer address is the source.
     trusted_proxies: tuple[str, ...] = ()
     # LEANAUTH_INTROSPECTION_MAX_STALENESS: seconds the revocation list may go without a
-    # successful refresh before introspection answers 503 rather than risk a wrong answer.
+    # successful refresh before introspection answers 503 rather than risk a wrong answer;
+    # at least twice LEANAUTH_REFRESH_INTERVAL (a healthy node refreshes that often).
     introspection_max_staleness: float = 10.0
     # LEANAUTH_AUDIT_LOG: also emit every audit record as a log line (they always go to the
     # database); "all", "failures" (failed authentications and admin changes) or "none".
@@ -165,6 +166,12 @@ class Settings:
             ),
             audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
         )
+        if settings.introspection_max_staleness < 2 * settings.refresh_interval:
+            raise SettingsError(
+                "LEANAUTH_INTROSPECTION_MAX_STALENESS: must be at least twice "
+                f"LEANAUTH_REFRESH_INTERVAL ({settings.refresh_interval}), "
+                f"got {settings.introspection_max_staleness}"
+            )
         if settings.key_prepublish < settings.jwks_max_age:
             raise SettingsError(
                 f"LEANAUTH_KEY_PREPUBLISH: must be at least LEANAUTH_JWKS_MAX_AGE "

@@ -79,12 +79,22 @@ class FailureThrottle:
                 )
 
     def record_failure(self, client_id: str | None, address: str) -> None:
-        """Count one failed authentication (blocking when the counters are in Redis)."""
+        """Count one failed authentication (blocking when the counters are in Redis).
+
+        The failure that uses up the allowance blocks at once: with "5 per minute" the sixth
+        attempt is refused. A counter store that cannot be reached costs the count, never the
+        answer to the client.
+        """
         pair = ("pair", _bounded(client_id), address)
         for key, limit in ((pair, self._pair_limit), (("address", address), self._address_limit)):
-            if not self._limiter.hit(limit, *key):
-                reset = self._limiter.get_window_stats(limit, *key).reset_time
-                self._block(key, reset, announce=True)
+            try:
+                self._limiter.hit(limit, *key)
+                stats = self._limiter.get_window_stats(limit, *key)
+            except Exception as exc:
+                log.warning("could not count a failed authentication: %s", exc)
+                return
+            if stats.remaining <= 0:
+                self._block(key, stats.reset_time, announce=True)
 
     def _block(self, key: BlockKey, until: float, announce: bool) -> None:
         now = time.time()
