@@ -25,8 +25,8 @@ serve: $(VENV)/.installed-run
 
 ## lint: ruff (lint + format check) and mypy --strict on src/
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 ## test: lint, then the test suite against real servers on loopback
@@ -34,8 +34,8 @@ test: lint
 	$(BIN)/pytest
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
 ## bench: load POST /oauth2/token with wrk (installs wrk with apt-get when missing)
 bench: $(VENV)/.installed-test

@@ -1,4 +1,16 @@
-"""leanauth: an OAuth 2.0 client-credentials authorization server (the Lean Authentication API)."""
+"""leanauth: an OAuth 2.0 client-credentials authorization server (the Lean Authentication API),
+with the pieces that go around it: a token verifier for resource servers and an ``httpx``
+client that fetches and caches tokens for apps."""
+
+from leanauth.client import ClientCredentials, TokenRequestError
+from leanauth.verify import InvalidToken, TokenVerifier, VerifiedToken
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = [
+    "ClientCredentials",
+    "InvalidToken",
+    "TokenRequestError",
+    "TokenVerifier",
+    "VerifiedToken",
+    "__version__",
+]

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 
 from leanauth.bootstrap import Runtime, open_runtime
+from leanauth.endpoints.customers import customers_routes
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
 from leanauth.endpoints.oauth import oauth_routes
 from leanauth.endpoints.token import TokenEndpoint
@@ -33,6 +34,8 @@ class LeanAuthApp:
             jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
         self._housekeeper = Housekeeper(jobs)
         routes = discovery_routes(settings, self.cache) + oauth_routes(services)
+        if settings.customers_api:
+            routes += customers_routes(services)
         self.starlette = Starlette(routes=routes, lifespan=self._lifespan)
 
     @asynccontextmanager

@@ -99,6 +99,8 @@ class Settings:
     # LEANAUTH_AUDIT_LOG: also emit every audit record as a log line (they always go to the
     # database); "all", "failures" (failed authentications and admin changes) or "none".
     audit_log: str = "failures"
+    # LEANAUTH_CUSTOMERS_API: serve the Customers API (/customers/v1/) on this server.
+    customers_api: bool = True
     # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
     log_level: str = "info"
     # LEANAUTH_LOG_FORMAT: ``plain`` lines for people or ``json``, one object per line.
@@ -165,6 +167,7 @@ class Settings:
                 "INTROSPECTION_MAX_STALENESS", cls.introspection_max_staleness, 1, 3600
             ),
             audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
+            customers_api=reader.boolean("CUSTOMERS_API", cls.customers_api),
         )
         if settings.introspection_max_staleness < 2 * settings.refresh_interval:
             raise SettingsError(
@@ -252,6 +255,16 @@ class _Reader:
         if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in raw:
             raise self._fail("DATABASE_URL", "expected sqlite:///PATH or postgresql://...")
         return raw
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise self._fail(name, f"expected true or false, got {raw!r}")
 
     def rate(self, name: str, default: str) -> str:
         raw = self._raw(name) or default

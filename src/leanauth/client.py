@@ -1,0 +1,216 @@
+"""Tokens for an app's backend: an ``httpx.Auth`` that fetches, caches and refreshes them.
+
+    auth = ClientCredentials(client_id, client_secret, "https://auth.example.com/oauth2/token")
+    with httpx.Client(auth=auth) as api:           # or httpx.AsyncClient(auth=auth)
+        api.post("https://api.example.com/customers/v1/", json={"app_user_id": "u-1"})
+    link_token = auth.customer_token(customer_id)  # for the LinkSDK; or await acustomer_token
+
+- An ``api`` token is fetched on first use, reused, and refreshed ``refresh_margin`` seconds
+  before it expires; a 401 from the API refetches it once.
+- Concurrent callers share one token request (per thread for the sync API, per event loop
+  for the async one).
+- 429 and 503 answers are retried, honouring ``Retry-After`` (bounded).
+- ``customer_token`` returns a token with at least ten minutes left (the LinkSDK refuses
+  less), cached per customer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import AsyncGenerator, Generator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus
+
+import httpx
+
+__all__ = ["ClientCredentials", "TokenRequestError"]
+
+CUSTOMER_MIN_REMAINING = 600
+RETRY_STATUSES = frozenset({429, 503})
+
+
+class TokenRequestError(Exception):
+    """The token endpoint refused (the OAuth ``error`` is in ``error``) or was unreachable."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, error: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires_at: float  # monotonic
+
+    def remaining(self) -> float:
+        return self.expires_at - time.monotonic()
+
+
+class ClientCredentials(httpx.Auth):
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str,
+        token_url: str,
+        *,
+        scope: str = "api",
+        refresh_margin: float = 60.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 30.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self._token_url = token_url
+        self._scope = scope
+        self._margin = refresh_margin
+        self._max_retries = max_retries
+        self._max_retry_wait = max_retry_wait
+        self._timeout = timeout
+        # RFC 6749 §2.3.1: each part is form-urlencoded before Base64.
+        pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+        self._basic = "Basic " + base64.b64encode(pair).decode()
+        self._tokens: dict[str, _Token] = {}
+        self._lock = threading.Lock()
+        self._async_locks: dict[tuple[int, str], asyncio.Lock] = {}
+        self.requests_made = 0  # token requests sent, for observability and tests
+
+    # httpx.Auth
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = "Bearer " + self.token()
+        response = yield request
+        if response.status_code == 401:
+            # Revoked, or signed by a key the API has not seen yet: one fresh token, one retry.
+            request.headers["Authorization"] = "Bearer " + self.token(force=True)
+            yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        request.headers["Authorization"] = "Bearer " + await self.atoken()
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = "Bearer " + await self.atoken(force=True)
+            yield request
+
+    # Tokens
+
+    def token(
+        self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
+    ) -> str:
+        scope = scope or self._scope
+        needed = self._margin if min_remaining is None else min_remaining
+        cached = self._tokens.get(scope)
+        if cached is not None and not force and cached.remaining() > needed:
+            return cached.value
+        with self._lock:
+            # Another thread may have fetched it while this one waited.
+            latest = self._tokens.get(scope)
+            if latest is not None and latest is not cached and latest.remaining() > needed:
+                return latest.value
+            fetched = self._fetch_sync(scope)
+            self._tokens[scope] = fetched
+            return fetched.value
+
+    async def atoken(
+        self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
+    ) -> str:
+        scope = scope or self._scope
+        needed = self._margin if min_remaining is None else min_remaining
+        cached = self._tokens.get(scope)
+        if cached is not None and not force and cached.remaining() > needed:
+            return cached.value
+        async with self._async_lock(scope):
+            latest = self._tokens.get(scope)
+            if latest is not None and latest is not cached and latest.remaining() > needed:
+                return latest.value
+            fetched = await self._fetch_async(scope)
+            self._tokens[scope] = fetched
+            return fetched.value
+
+    def customer_token(self, customer_id: str) -> str:
+        """A ``customer.<id>`` token with at least ten minutes left, for the LinkSDK."""
+        return self.token(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
+
+    async def acustomer_token(self, customer_id: str) -> str:
+        return await self.atoken(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
+
+    def _async_lock(self, scope: str) -> asyncio.Lock:
+        # asyncio locks belong to one event loop: one per loop and scope.
+        key = (id(asyncio.get_running_loop()), scope)
+        lock = self._async_locks.get(key)
+        if lock is None:
+            lock = self._async_locks[key] = asyncio.Lock()
+        return lock
+
+    # The token endpoint
+
+    def _token_request(self, scope: str) -> dict[str, Any]:
+        return {
+            "url": self._token_url,
+            "data": {"grant_type": "client_credentials", "scope": scope},
+            "headers": {"Authorization": self._basic, "Accept": "application/json"},
+        }
+
+    def _fetch_sync(self, scope: str) -> _Token:
+        with httpx.Client(timeout=self._timeout) as http:
+            for attempt in range(self._max_retries + 1):
+                self.requests_made += 1
+                try:
+                    response = http.post(**self._token_request(scope))
+                except httpx.HTTPError as exc:
+                    raise TokenRequestError(f"token endpoint unreachable: {exc}") from exc
+                wait = self._retry_wait(response, attempt)
+                if wait is None:
+                    return self._parse(response)
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch_async(self, scope: str) -> _Token:
+        async with httpx.AsyncClient(timeout=self._timeout) as http:
+            for attempt in range(self._max_retries + 1):
+                self.requests_made += 1
+                try:
+                    response = await http.post(**self._token_request(scope))
+                except httpx.HTTPError as exc:
+                    raise TokenRequestError(f"token endpoint unreachable: {exc}") from exc
+                wait = self._retry_wait(response, attempt)
+                if wait is None:
+                    return self._parse(response)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_wait(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None when this response is final."""
+        if response.status_code not in RETRY_STATUSES or attempt >= self._max_retries:
+            return None
+        try:
+            wait = float(response.headers.get("retry-after", "1"))
+        except ValueError:
+            wait = 1.0
+        if wait > self._max_retry_wait:
+            return None  # longer than a caller should block: report the refusal instead
+        return max(0.0, wait)
+
+    @staticmethod
+    def _parse(response: httpx.Response) -> _Token:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
+            error = body.get("error") if isinstance(body, dict) else None
+            description = body.get("error_description", "") if isinstance(body, dict) else ""
+            message = f"token request refused: HTTP {response.status_code} {error or ''}"
+            raise TokenRequestError(
+                f"{message} {description}".strip(),
+                status_code=response.status_code,
+                error=error,
+            )
+        return _Token(str(body["access_token"]), time.monotonic() + float(body["expires_in"]))

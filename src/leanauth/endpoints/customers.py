@@ -1,0 +1,167 @@
+"""The Customers API, modelled on Lean's: an app's backend creates and reads its customers
+with an ``api`` token; a customer token reads only its own customer.
+
+    POST /customers/v1/                 {"app_user_id"} → 201 {"customer_id", "app_user_id"}
+    GET  /customers/v1/{customer_id}    → 200 {"customer_id", "app_user_id"}
+    GET  /customers/v1/?size=N&after=ID → 200 {"data": [...], "next": ID | null}
+
+Errors are Lean-style bodies, ``{"status", "message", "timestamp"}``; a refused token is
+answered per RFC 6750 with a ``WWW-Authenticate: Bearer`` challenge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from leanauth import registry
+from leanauth.endpoints.oauth import decode_own_token
+from leanauth.resource import BearerError, bearer_token
+from leanauth.services import Services
+from leanauth.store.base import AlreadyExists, StoreError
+from leanauth.store.models import Customer
+from leanauth.verify import VerifiedToken, verified_from_claims
+
+MAX_BODY_BYTES = 4096
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+def lean_error(status_code: int, status: str, message: str) -> JSONResponse:
+    timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {"status": status, "message": message, "timestamp": timestamp}
+    return JSONResponse(body, status_code, headers={"cache-control": "no-store"})
+
+
+def customer_body(customer: Customer) -> dict[str, Any]:
+    return {"customer_id": customer.customer_id, "app_user_id": customer.app_user_id}
+
+
+class CustomersApi:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        settings = services.runtime.settings
+        self._audiences = {settings.api_audience, settings.customer_audience}
+
+    def _token(self, request: Request) -> VerifiedToken:
+        """This server's own check of a bearer token: signature, expiry, audience, revocation."""
+        claims = decode_own_token(self._services, bearer_token(request), check_expiry=True)
+        if claims is None or claims.get("aud") not in self._audiences:
+            raise BearerError(401, "invalid_token", "The access token is invalid.")
+        if self._services.cache.is_revoked(claims["jti"]):
+            raise BearerError(401, "invalid_token", "The access token was revoked.")
+        return verified_from_claims(claims)
+
+    def _api_token(self, request: Request) -> VerifiedToken:
+        token = self._token(request)
+        if token.scope_class != "api":
+            raise BearerError(403, "insufficient_scope", "This needs an api token.", "api")
+        return token
+
+    async def create(self, request: Request) -> Response:
+        try:
+            token = self._api_token(request)
+        except BearerError as refusal:
+            return refusal.response()
+        app_user_id = await _app_user_id(request)
+        if isinstance(app_user_id, Response):
+            return app_user_id
+        try:
+            customer = await asyncio.to_thread(
+                registry.create_customer, self._services.runtime, token.client_id, app_user_id
+            )
+        except AlreadyExists:
+            return lean_error(
+                409, "CUSTOMER_ALREADY_EXISTS", "A customer with this app_user_id exists."
+            )
+        except StoreError:
+            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+        return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})
+
+    async def read(self, request: Request) -> Response:
+        try:
+            token = self._token(request)
+        except BearerError as refusal:
+            return refusal.response()
+        try:
+            customer_id = str(uuid.UUID(request.path_params["customer_id"]))
+        except ValueError:
+            return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
+        if token.customer_id is not None and token.customer_id != customer_id:
+            return BearerError(
+                403,
+                "insufficient_scope",
+                "The token is for another customer.",
+                f"customer.{customer_id}",
+            ).response()
+        try:
+            customer = await self._services.cache.customer(customer_id)
+        except StoreError:
+            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+        # Another app's customer is as unknown as a customer that does not exist.
+        if customer is None or customer.client_id != token.client_id:
+            return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
+        return JSONResponse(customer_body(customer), headers={"cache-control": "no-store"})
+
+    async def list_page(self, request: Request) -> Response:
+        try:
+            token = self._api_token(request)
+        except BearerError as refusal:
+            return refusal.response()
+        try:
+            size = int(request.query_params.get("size", DEFAULT_PAGE))
+            after = request.query_params.get("after")
+            after = str(uuid.UUID(after)) if after else None
+        except ValueError:
+            return lean_error(400, "INVALID_PARAMETERS", "size is a number; after a customer id.")
+        if not 1 <= size <= MAX_PAGE:
+            return lean_error(400, "INVALID_PARAMETERS", f"size must be 1 to {MAX_PAGE}.")
+        store = self._services.runtime.store
+        try:
+            page = await asyncio.to_thread(store.list_customers, token.client_id, size + 1, after)
+        except StoreError:
+            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+        data = [customer_body(c) for c in page[:size]]
+        following = page[size - 1].customer_id if len(page) > size else None
+        return JSONResponse(
+            {"data": data, "next": following}, headers={"cache-control": "no-store"}
+        )
+
+
+async def _app_user_id(request: Request) -> str | Response:
+    """The ``app_user_id`` of a JSON body, or the 400 that explains what is wrong."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return lean_error(400, "INVALID_PARAMETERS", "Send a JSON body.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return lean_error(413, "PAYLOAD_TOO_LARGE", "The body is too large.")
+    try:
+        parsed = orjson.loads(body)
+    except ValueError:
+        return lean_error(400, "INVALID_PARAMETERS", "The body is not valid JSON.")
+    value = parsed.get("app_user_id") if isinstance(parsed, dict) else None
+    if not isinstance(value, str) or not 1 <= len(value) <= registry.MAX_APP_USER_ID:
+        return lean_error(
+            400, "INVALID_PARAMETERS", "app_user_id must be a string of 1 to 255 characters."
+        )
+    return value
+
+
+def customers_routes(services: Services) -> list[Route]:
+    api = CustomersApi(services)
+    return [
+        Route("/customers/v1", api.create, methods=["POST"]),
+        Route("/customers/v1/", api.create, methods=["POST"]),
+        Route("/customers/v1", api.list_page, methods=["GET"]),
+        Route("/customers/v1/", api.list_page, methods=["GET"]),
+        Route("/customers/v1/{customer_id}", api.read, methods=["GET"]),
+    ]
