@@ -192,8 +192,8 @@ def ttl_apps(env: Env, server: Server) -> dict[int, tuple[AppCredentials, str]]:
         (900, "api", 900),
         (900, "customer", 900),
         (120, "api", 120),
-        # Customer tokens never live less than 600 s (the LinkSDK needs ten minutes).
-        (120, "customer", 600),
+        # Customer tokens never live less than 660 s (the LinkSDK needs ten minutes left).
+        (120, "customer", 660),
     ],
 )
 def test_app_token_ttl_override(

@@ -4,6 +4,8 @@ key rotation. Each change is one store transaction, then one audit record (kind 
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +26,27 @@ log = logging.getLogger("leanauth.audit")
 MAX_APP_NAME = 200
 DEFAULT_SECRET_GRACE = 86_400
 MAX_APP_USER_ID = 255
+
+
+_uuid_lock = threading.Lock()
+_uuid_last = (0, 0)  # (milliseconds, counter) of the last time-ordered UUID
+
+
+def time_ordered_uuid() -> tuple[uuid.UUID, int]:
+    """A UUIDv7 (RFC 9562 §5.7) and its millisecond time: ids made by one process sort in the
+    order they were made (a 12-bit counter orders ids of the same millisecond), so customers
+    list in creation order."""
+    global _uuid_last  # noqa: PLW0603 (the process-wide counter of RFC 9562 §6.2)
+    with _uuid_lock:
+        ms, counter = time.time_ns() // 1_000_000, 0
+        last_ms, last_counter = _uuid_last
+        if ms <= last_ms:
+            ms, counter = last_ms, last_counter + 1
+            if counter > 0xFFF:
+                ms, counter = last_ms + 1, 0
+        _uuid_last = (ms, counter)
+    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | secrets.randbits(62)
+    return uuid.UUID(int=value), ms
 
 
 def _audit(runtime: Runtime, action: str, client_id: str | None, **detail: object) -> None:
@@ -129,7 +152,8 @@ def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Custo
     if not 1 <= len(app_user_id) <= MAX_APP_USER_ID:
         raise ValueError(f"app_user_id must have 1 to {MAX_APP_USER_ID} characters")
     require_app(runtime, client_id)
-    customer = Customer(str(uuid.uuid4()), client_id, app_user_id, int(time.time()))
+    customer_id, created_ms = time_ordered_uuid()
+    customer = Customer(str(customer_id), client_id, app_user_id, created_ms // 1000)
     runtime.store.create_customer(customer)
     _audit(runtime, "customer.create", client_id, customer_id=customer.customer_id)
     return customer

@@ -51,7 +51,10 @@ class BearerError(HTTPException):
         self.error = error
 
     def response(self) -> Response:
-        body = {"error": self.error or "invalid_token", "error_description": self.detail}
+        # RFC 6750 §3.1: a request with no credentials gets the challenge and no error code.
+        body = {"error_description": self.detail}
+        if self.error is not None:
+            body = {"error": self.error, **body}
         return JSONResponse(body, self.status_code, headers=self.headers)
 
 

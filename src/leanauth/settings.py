@@ -20,8 +20,9 @@ import limits
 
 SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
 
-# The LinkSDK refuses a customer token with less than ten minutes left.
-MIN_CUSTOMER_TOKEN_TTL = 600
+# The LinkSDK refuses a customer token with less than ten minutes left: a customer token
+# lives at least that, plus a minute for the trip to the SDK (and for clients to reuse it).
+MIN_CUSTOMER_TOKEN_TTL = 660
 MIN_TOKEN_TTL = 60
 MAX_TOKEN_TTL = 86_400
 
