@@ -24,6 +24,7 @@ The secure choice is the only one:
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 MAX_JWKS_BYTES = 64 * 1024
 MAX_KID_LENGTH = 128
 CUSTOMER_PREFIX = "customer."
+COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class InvalidToken(Exception):
@@ -125,7 +128,8 @@ class TokenVerifier:
     def _header(self, token: str) -> dict[str, Any]:
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise InvalidToken("not a token of a plausible size")
-        if token.count(".") != 2:
+        # Three unpadded base64url segments (RFC 7515 §7.1): one token, one spelling.
+        if COMPACT_JWS.fullmatch(token) is None:
             raise InvalidToken("not a JWS in compact form")
         try:
             header: dict[str, Any] = jwt.get_unverified_header(token)
@@ -139,7 +143,8 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
             raise InvalidToken("no usable kid")
-        if header.get("alg") not in self._algorithms:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
             raise InvalidToken("algorithm not allowed")
         return header
 
@@ -177,11 +182,13 @@ class TokenVerifier:
     # The JWKS
 
     def _should_fetch(self, kid: str) -> bool:
-        """Fetch when stale; on an unknown kid, at most once per refetch interval."""
+        """Fetch when the set is stale or lacks ``kid`` — at most once per refetch interval,
+        whether or not the last attempt succeeded, so a failing or hostile JWKS endpoint is
+        not asked once per token."""
         now = time.monotonic()
         if kid in self._keys.keys and not self._stale():
             return False
-        if not self._stale() and now - self._last_fetch_attempt < self._refetch_interval:
+        if now - self._last_fetch_attempt < self._refetch_interval:
             return False
         self._last_fetch_attempt = now
         return True
@@ -221,7 +228,7 @@ class TokenVerifier:
             if not isinstance(entry, dict):
                 continue
             alg, kid = entry.get("alg"), entry.get("kid")
-            if alg not in self._algorithms or not isinstance(kid, str):
+            if not isinstance(alg, str) or alg not in self._algorithms or not isinstance(kid, str):
                 continue  # HMAC, "none" and keys without an algorithm are never used
             if entry.get("use", "sig") != "sig":
                 continue
@@ -237,11 +244,17 @@ def verified_from_claims(claims: dict[str, Any]) -> VerifiedToken:
     scope, client_id = claims["scope"], claims["client_id"]
     if not isinstance(scope, str) or not isinstance(client_id, str):
         raise InvalidToken("scope and client_id must be strings")
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name, 0)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidToken(f"{name} must be a number")  # RFC 7519 NumericDate
     if claims["sub"] != client_id:
         raise InvalidToken("sub is not the client id")
     customer_id = None
     if scope.startswith(CUSTOMER_PREFIX):
         customer_id = scope[len(CUSTOMER_PREFIX) :]
+        if CANONICAL_UUID.fullmatch(customer_id) is None:
+            raise InvalidToken("the customer id is not a UUID")
         customers = claims.get("customers")
         if customers != [{"id": customer_id}]:
             raise InvalidToken("customer scope without a matching customers claim")
