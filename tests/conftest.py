@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,12 @@ import pytest
 from click.testing import CliRunner
 
 from leanauth.cli import main as cli_main
+
+# The secret sweep (tests/secret_sweep.py): after the whole suite, no secret or token the
+# helpers below saw may appear in a server log or an audit trail.
+pytest_plugins = ["secret_sweep"]
+pytest.register_assert_rewrite("secret_sweep")
+from secret_sweep import record_values, scan_postgres  # noqa: E402
 
 
 def free_port() -> int:
@@ -50,6 +57,9 @@ class Env:
         result = CliRunner().invoke(
             cli_main, [*args, "--json"], env=self.vars, catch_exceptions=False
         )
+        if result.exit_code == 0:
+            with contextlib.suppress(ValueError):
+                record_values(json.loads(result.stdout))
         if expect_ok:
             assert result.exit_code == 0, result.output
             return json.loads(result.stdout)
@@ -153,7 +163,11 @@ def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> 
         "client_secret": creds.client_secret,
         "scope": scope,
     }
-    return httpx.post(server.token_url, data=form, timeout=10)
+    response = httpx.post(server.token_url, data=form, timeout=10)
+    if response.status_code == 200:
+        with contextlib.suppress(ValueError):
+            record_values(response.json())
+    return response
 
 
 def wait_until_known(server: Server, creds: AppCredentials) -> None:
@@ -230,6 +244,9 @@ class PostgresDatabases:
         return f"{base}/{name}"
 
     def drop_all(self) -> None:
+        # The secret sweep searches their audit trails before they go.
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+        scan_postgres(f"{base}/{name}" for name in self._created)
         with self.admin() as conn:
             for name in self._created:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

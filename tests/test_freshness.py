@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from conftest import (
     wait_for,
     wait_until_known,
 )
+from leanauth.store.sql import ROTATION_RACE_WINDOW
 
 FRESH_WITHIN = 2.0
 
@@ -101,7 +103,9 @@ def test_rotated_secret(env: Env, server: Server, fresh_app: AppCredentials) -> 
     assert request_token(server, fresh_app).json()["error"] == "invalid_client"
     assert request_token(server, new).status_code == 200
 
-    # A second rotation ends the first new secret as well.
+    # A second rotation ends the first new secret as well (once the window in which it would
+    # count as racing the first has passed).
+    time.sleep(ROTATION_RACE_WINDOW)
     again = env.cli("apps", "rotate-secret", fresh_app.client_id, "--grace", "0")
     newest = AppCredentials(fresh_app.client_id, again["client_secret"], again)
     wait_for(lambda: request_token(server, newest).status_code == 200, timeout=FRESH_WITHIN)

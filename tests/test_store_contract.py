@@ -35,7 +35,7 @@ def make_app(name: str = "App", enabled: bool = True) -> App:
     return App(str(uuid.uuid4()), name, frozenset({"api", "customer"}), None, enabled, NOW)
 
 
-def make_secret(app: App, secret_id: str | None = None, created_at: int = NOW) -> ClientSecret:
+def make_secret(app: App, secret_id: str | None = None, created_at: int = NOW - 60) -> ClientSecret:
     return ClientSecret(
         secret_id or f"sec_{uuid.uuid4().hex[:16]}", app.client_id, os.urandom(32), created_at
     )

@@ -97,8 +97,8 @@ def open_runtime(settings: Settings, *, schema: SchemaMode = "auto", actor: str 
     store = SqlStore(settings.database_url, options, publish=publisher)
     cipher = KeyCipher(kek)
     try:
-        if schema == "upgrade" or (schema == "auto" and store.schema_revision() is None):
-            store.upgrade_schema()
+        if schema != "none":
+            store.upgrade_schema(only_if_empty=schema == "auto")
         if schema != "none":
             require_current(store.engine)
             store.ensure_signing_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))

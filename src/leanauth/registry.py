@@ -24,6 +24,9 @@ from leanauth.store.models import App, AuditEvent, ClientSecret, Customer
 log = logging.getLogger("leanauth.audit")
 
 MAX_APP_NAME = 200
+# A key due to activate within this many seconds (at most half the pre-publication period)
+# is kept by a newer rotation: a node whose clock runs ahead may already sign with it.
+ACTIVATION_MARGIN = 60
 DEFAULT_SECRET_GRACE = 86_400
 MAX_APP_USER_ID = 255
 
@@ -168,10 +171,14 @@ def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = Fal
     candidate = new_stored_key(
         alg or runtime.settings.signing_alg, runtime.cipher, now, activates_at
     )
-    key = runtime.store.rotate_key(candidate, now)
+    key = runtime.store.rotate_key(candidate, now, keep_within=_activation_margin(runtime))
     assert key is not None
     _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
     return key
+
+
+def _activation_margin(runtime: Runtime) -> int:
+    return min(ACTIVATION_MARGIN, runtime.settings.key_prepublish // 2)
 
 
 def rotate_key_if_due(runtime: Runtime, now: int) -> StoredKey | None:
@@ -185,7 +192,9 @@ def rotate_key_if_due(runtime: Runtime, now: int) -> StoredKey | None:
     candidate = new_stored_key(
         runtime.settings.signing_alg, runtime.cipher, now, now + runtime.settings.key_prepublish
     )
-    key = runtime.store.rotate_key(candidate, now, created_before=due_before)
+    key = runtime.store.rotate_key(
+        candidate, now, created_before=due_before, keep_within=_activation_margin(runtime)
+    )
     if key is None:
         return None
     _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)

@@ -44,8 +44,9 @@ class ChangePublisher(Protocol):
 
 
 class Store(Protocol):
-    def upgrade_schema(self) -> None:
-        """Apply every pending migration, once even when several processes ask at once."""
+    def upgrade_schema(self, *, only_if_empty: bool = False) -> None:
+        """Apply every pending migration (``only_if_empty``: only to an empty database),
+        once even when several processes ask at once."""
 
     def schema_revision(self) -> str | None:
         """The schema's migration revision; None for an empty database."""
@@ -78,7 +79,11 @@ class Store(Protocol):
     def list_keys(self) -> Sequence[StoredKey]: ...
     def ensure_signing_key(self, candidate: StoredKey) -> bool: ...
     def rotate_key(
-        self, new_key: StoredKey, now: int, created_before: int | None = None
+        self,
+        new_key: StoredKey,
+        now: int,
+        created_before: int | None = None,
+        keep_within: int = 0,
     ) -> StoredKey | None: ...
 
     # Revocations, usage, audit

@@ -71,10 +71,16 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def upgrade(engine: Engine) -> None:
-    """Apply every pending migration (a no-op when the schema is current)."""
+def upgrade(engine: Engine, *, only_if_empty: bool = False) -> None:
+    """Apply every pending migration (a no-op when the schema is current).
+
+    ``only_if_empty``: migrate an empty database, leave any other as it is. The revision is
+    read under the lock, so a process never acts on a schema another one is migrating.
+    """
     with _migration_lock(engine) as conn:
-        command.upgrade(_config(conn), "head")
+        empty = MigrationContext.configure(conn).get_current_revision() is None
+        if empty or not only_if_empty:
+            command.upgrade(_config(conn), "head")
         conn.commit()
 
 

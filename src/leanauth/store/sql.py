@@ -6,6 +6,7 @@ records of :mod:`leanauth.store.records` (revocations, usage, audit).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -25,6 +26,9 @@ from leanauth.store.sqlbase import CHANGE_FEED_LOCK_KEY, NOTIFY_CHANNEL, SqlBase
 __all__ = ["CHANGE_FEED_LOCK_KEY", "NOTIFY_CHANNEL", "SqlStore"]
 
 MAX_LIVE_SECRETS = 2
+# A secret issued this recently is not replaced by another rotation: two rotations started
+# together would otherwise each end the secret the other just printed.
+ROTATION_RACE_WINDOW = 2
 
 
 def _scopes_text(scopes: frozenset[ScopeClass]) -> str:
@@ -178,6 +182,11 @@ class SqlRegistry(SqlBase):
                     f"the app has {len(live)} live secrets already: "
                     "revoke one first (apps revoke-secret)"
                 )
+            if self._rotated_a_moment_ago(conn, secret.client_id, now):
+                raise Conflict(
+                    "another rotation issued a secret for this app a moment ago: "
+                    "check `apps show`, then run it again if it is still needed"
+                )
             for secret_id, expires_at in live.items():
                 ends = old_expires_at if expires_at is None else min(expires_at, old_expires_at)
                 conn.execute(
@@ -187,6 +196,14 @@ class SqlRegistry(SqlBase):
                 )
             self._insert_secret(conn, secret)
             self._record_change(conn, "app", secret.client_id)
+
+    @staticmethod
+    def _rotated_a_moment_ago(conn: Connection, client_id: str, now: int) -> bool:
+        """Whether a rotation (not the app's creation) issued a secret in the race window."""
+        c = schema.client_secrets.c
+        issued = select(func.count(), func.max(c.created_at)).where(c.client_id == client_id)
+        count, newest = conn.execute(issued).one()
+        return bool(count > 1 and newest is not None and newest > now - ROTATION_RACE_WINDOW)
 
     def revoke_secret(self, client_id: str, secret_id: str, now: int) -> None:
         """End one secret now (it may already be in its grace period)."""
@@ -312,24 +329,35 @@ class SqlRegistry(SqlBase):
             return True
 
     def rotate_key(
-        self, new_key: StoredKey, now: int, created_before: int | None = None
+        self,
+        new_key: StoredKey,
+        now: int,
+        created_before: int | None = None,
+        keep_within: int = 0,
     ) -> StoredKey | None:
         """Add ``new_key`` (it signs from its ``activates_at``) in one transaction.
 
-        A key still waiting to activate signed nothing, so it is dropped: the newest rotation
-        wins. The new key activates strictly after every remaining key, so the order of keys
-        never rests on a tie. With ``created_before``, rotate only if no key is newer than
+        A key still waiting to activate signed nothing, so it is dropped — the newest rotation
+        wins — unless it activates within ``keep_within`` seconds of the clock read inside the
+        transaction: a node whose clock runs a little ahead may already sign with it. The new key
+        activates strictly after every remaining key, so the order of keys never rests on a
+        tie. With ``created_before``, rotate only if no key is newer than
         that (automatic rotation: of several nodes due at once, one rotates). Returns the key
         as stored, or None when no rotation was due.
         """
         keys = schema.signing_keys
         with self._write() as conn:
             self._lock_keys(conn)
+            # Every lock this transaction needs is taken before the clock is read, so what it
+            # decides from the clock still holds when it commits.
+            self._lock_change_feed(conn)
             if created_before is not None:
                 newest = conn.execute(select(func.max(keys.c.created_at))).scalar_one()
                 if newest is not None and newest >= created_before:
                     return None
-            conn.execute(keys.delete().where(keys.c.activates_at > now))
+            # The caller's clock was read before the key was made (RSA takes a while).
+            now = max(now, int(time.time()))
+            conn.execute(keys.delete().where(keys.c.activates_at > now + keep_within))
             latest = conn.execute(select(func.max(keys.c.activates_at))).scalar_one()
             if latest is not None and new_key.activates_at <= latest:
                 new_key = replace(new_key, activates_at=latest + 1)

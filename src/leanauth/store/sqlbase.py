@@ -39,9 +39,9 @@ class SqlBase:
         # Told the kind of each committed change (Redis pub/sub, when configured).
         self._publish = publish
 
-    def upgrade_schema(self) -> None:
+    def upgrade_schema(self, *, only_if_empty: bool = False) -> None:
         try:
-            migrate.upgrade(self.engine)
+            migrate.upgrade(self.engine, only_if_empty=only_if_empty)
         except SQLAlchemyError as exc:
             raise StoreError(_first_line(exc)) from exc
 
@@ -99,12 +99,19 @@ class SqlBase:
         )
 
     @staticmethod
-    def _record_change(conn: Connection, kind: ChangeKind, entity_id: str) -> None:
-        now = int(time.time())
+    def _lock_change_feed(conn: Connection) -> None:
+        """Readers follow the feed by change_id: this lock, held to the end of the
+        transaction, makes ids commit in order, so a reader never sees id n+1 before id n is
+        visible. (SQLite serialises writers anyway.)"""
         if conn.dialect.name == "postgresql":
-            # Readers follow the feed by change_id: the lock makes ids commit in order, so a
-            # reader never sees id n+1 before id n is visible. NOTIFY is sent on commit.
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_FEED_LOCK_KEY})
+
+    @classmethod
+    def _record_change(cls, conn: Connection, kind: ChangeKind, entity_id: str) -> None:
+        now = int(time.time())
+        cls._lock_change_feed(conn)
+        if conn.dialect.name == "postgresql":
+            # NOTIFY is sent on commit.
             conn.execute(
                 text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
             )
