@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -200,22 +200,32 @@ class Signer:
     def __init__(self, kid: str, alg: str, key: PrivateKey) -> None:
         self.kid = kid
         self.alg = alg
-        self._key = key
         header = orjson.dumps({"alg": alg, "typ": "at+jwt", "kid": kid})
         self.encoded_header = b64url(header).encode("ascii")
+        # The signing function is chosen once: the hot path makes no type checks and builds
+        # no padding or hash objects per token.
+        self.sign: Callable[[bytes], bytes] = _signing_function(alg, key)
 
-    def sign(self, signing_input: bytes) -> bytes:
-        key = self._key
-        if isinstance(key, ec.EllipticCurvePrivateKey):
+
+def _signing_function(alg: str, key: PrivateKey) -> Callable[[bytes], bytes]:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        ecdsa = ec.ECDSA(hashes.SHA256())
+
+        def sign_es256(signing_input: bytes) -> bytes:
             # JWS (RFC 7518 §3.4) wants the raw r || s, not the DER that cryptography returns.
-            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+            r, s = decode_dss_signature(key.sign(signing_input, ecdsa))
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return key.sign(signing_input)
-        if self.alg == "PS256":
-            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            return key.sign(signing_input, pss, hashes.SHA256())
-        return key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+
+        return sign_es256
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign
+    digest = hashes.SHA256()
+    scheme = (
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        if alg == "PS256"
+        else padding.PKCS1v15()
+    )
+    return lambda signing_input: key.sign(signing_input, scheme, digest)
 
 
 class KeyRing:

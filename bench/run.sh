@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Load leanauth's POST /oauth2/token with wrk, on loopback.
+#
+# Usage: bench/run.sh              (what `make bench` runs) leanauth alone: `api` tokens, then
+#                                  `customer.<id>` tokens; prints req/s, p50, p99 and errors.
+#        bench/run.sh peers [NAME...]   (or PEERS=1) leanauth and the peer servers side by side,
+#                                  through /work/shared/peers/run-all.sh (NAMEs: peers to run).
+# Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
+#        BENCH_DIR=/tmp/leanauth-bench (data/ is wiped and re-made each run; raw wrk output in
+#        results/, server log in server.log)
+#        PEERS_DIR=/work/shared/peers PEERS_WORKDIR=/tmp/leanauth-peers PEERS_WARM=1
+# Exit status: non-zero when the server does not start, a request fails or the server logs an error.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+SERVE="$HERE/serve.sh"
+export BENCH_DIR=${BENCH_DIR:-/tmp/leanauth-bench}
+export LEANAUTH=${LEANAUTH:-$ROOT/.venv/bin/leanauth}
+DURATION=${DURATION:-15s}
+CONNS=${CONNS:-32}
+WRK_THREADS=${WRK_THREADS:-2}
+PEERS_DIR=${PEERS_DIR:-/work/shared/peers}
+export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
+
+MODE=self
+if [ "${1:-}" = peers ]; then
+  MODE=peers
+  shift
+elif [ "${PEERS:-0}" = 1 ]; then
+  MODE=peers
+fi
+
+# --- processes this script started: each in its own process group (setsid), so that stopping
+# it also stops its children (uvicorn workers, node cluster workers, npm) and nothing else.
+STARTED=()
+stop_group() {
+  local pid=$1
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+  # Whatever is left of the group (the leader ignored TERM, or orphaned children) is killed.
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local pid
+  for pid in "${STARTED[@]}"; do stop_group "$pid"; done
+  STARTED=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_group LOG CMD...: run CMD in the background in a new session; sets STARTED_PID.
+start_group() {
+  local log=$1
+  shift
+  # A background job of a non-interactive shell is not a group leader, so setsid does not
+  # fork: $! is CMD's PID and its process group ID.
+  setsid "$@" >"$log" 2>&1 </dev/null &
+  STARTED_PID=$!
+  STARTED+=("$STARTED_PID")
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_wrk() {
+  command -v wrk >/dev/null && return 0
+  echo "installing wrk (apt-get)" >&2
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; then
+    # The package lists may be missing or stale: refresh them once, then retry.
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+  fi
+  command -v wrk >/dev/null
+}
+
+# post URL BODY-FILE: the HTTP status of one token request ("000" when nothing answers).
+post() {
+  curl -s -o /dev/null -w '%{http_code}' --max-time 5 -X POST "$1" \
+    -H 'Content-Type: application/x-www-form-urlencoded' --data-binary "@$2" || true
+}
+
+# --- wrk output parsing
+wrk_field() { # wrk_field FILE rps|p50|p99|n|non2xx|sockerr
+  local f=$1
+  case $2 in
+    rps) awk '/^Requests\/sec:/{print $2}' "$f" ;;
+    p50) awk '$1=="50%"{print $2}' "$f" ;;
+    p99) awk '$1=="99%"{print $2}' "$f" ;;
+    n) awk '/requests in/{print $1}' "$f" ;;
+    non2xx) awk -F': *' '/Non-2xx or 3xx responses/{n=$2} END{print n+0}' "$f" ;;
+    # "Socket errors: connect 0, read 0, write 0, timeout 0": the sum of the four.
+    sockerr) awk '/Socket errors:/{gsub(/,/,""); print $4+$6+$8+$10; f=1} END{if(!f)print 0}' "$f" ;;
+  esac
+}
+
+run_self() {
+  local port=${PORT:-18090}
+  local url="http://127.0.0.1:${port}/oauth2/token"
+  local results="$BENCH_DIR/results"
+  if port_in_use "$port"; then
+    echo "port $port is in use: set PORT" >&2
+    exit 1
+  fi
+  mkdir -p "$results"
+  start_group "$BENCH_DIR/server.log" env BENCH_REUSE=1 "$SERVE" "$port"
+  local server=$STARTED_PID code=000
+  for _ in $(seq 1 60); do
+    code=$(post "$url" "$BENCH_DIR/data/api.body")
+    [ "$code" = 200 ] && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.5
+  done
+  if [ "$code" != 200 ]; then
+    echo "leanauth not ready (last HTTP $code); log: $BENCH_DIR/server.log" >&2
+    tail -n 20 "$BENCH_DIR/server.log" >&2
+    exit 1
+  fi
+  # Both bodies must give a token before anything is measured.
+  code=$(post "$url" "$BENCH_DIR/data/customer.body")
+  if [ "$code" != 200 ]; then
+    echo "customer token request: HTTP $code" >&2
+    exit 1
+  fi
+
+  local rows=() failed=0 scope out errs
+  for scope in api customer; do
+    out="$results/wrk-${scope}.txt"
+    echo "== wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}: ${scope} tokens" >&2
+    WRK_BODY=$(<"$BENCH_DIR/data/${scope}.body") \
+      wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/token.lua" "$url" >"$out"
+    errs=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" sockerr)))
+    [ "$errs" -eq 0 ] || failed=1
+    rows+=("$(printf '%-10s %10s %10s %10s %8s %10s' "$scope" "$(wrk_field "$out" rps)" \
+      "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" "$errs" "$(wrk_field "$out" n)")")
+  done
+  stop_group "$server"
+  if grep -qiE 'error|traceback' "$BENCH_DIR/server.log"; then
+    echo "the server logged errors: $BENCH_DIR/server.log" >&2
+    failed=1
+  fi
+
+  echo
+  echo "leanauth POST /oauth2/token, 2 workers; wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}" \
+    "--latency on loopback; wrk shares the $(nproc) cores with the server; $(date -u +%FT%TZ)"
+  printf '%-10s %10s %10s %10s %8s %10s\n' scope req/s p50 p99 errors requests
+  printf '%s\n' "${rows[@]}"
+  echo "raw wrk output: $results/"
+  return "$failed"
+}
+
+# Start each peer once, unhurried, before run-all.sh: their first start installs dependencies
+# (npm ci, pip), which can outlast run-all's 60 s readiness window. Uses the peers' own start.sh
+# in run-all's writable copy, so run-all then finds the dependencies in place.
+warm_peers() {
+  local port=${PORT:-18080} dir name pid code
+  mkdir -p "$PEERS_WORKDIR"
+  # The same copy run-all.sh makes (sources only; installed dependencies stay in the copy).
+  (cd "$PEERS_DIR" && tar --exclude node_modules --exclude .venv --exclude results \
+    --exclude instance -cf - .) | tar -C "$PEERS_WORKDIR" -xf -
+  for dir in "$PEERS_WORKDIR"/*/; do
+    [ -x "$dir/start.sh" ] || continue
+    name=$(basename "$dir")
+    if port_in_use "$port"; then
+      echo "port $port is in use: set PORT" >&2
+      exit 1
+    fi
+    echo "== warming ${name} (first start installs its dependencies)" >&2
+    start_group "$PEERS_WORKDIR/${name}.warm.log" "$dir/start.sh" "$port"
+    pid=$STARTED_PID
+    code=000
+    # Up to 15 minutes; any HTTP answer means it is up.
+    for _ in $(seq 1 900); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:${port}/" || true)
+      [ "$code" != 000 ] && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    [ "$code" != 000 ] || echo "   ${name} did not come up; see $PEERS_WORKDIR/${name}.warm.log" >&2
+    stop_group "$pid"
+    STARTED=()  # warm-ups run one at a time: nothing else is running
+  done
+}
+
+run_peers() {
+  local names=("$@")
+  # run-all.sh runs only the named servers when given names: keep leanauth in.
+  [ ${#names[@]} -eq 0 ] || names=(leanauth "${names[@]}")
+  if [ "${PEERS_WARM:-1}" = 1 ]; then
+    warm_peers
+  fi
+  SELF_BODY=$(<"$BENCH_DIR/data/api.body")
+  # run-all.sh keeps results of earlier runs: only files newer than this stamp are this run's.
+  touch "$BENCH_DIR/run-all.stamp"
+  # run-all.sh runs SELF_START with `bash -c` and PORT set; BENCH_REUSE makes serve.sh use the
+  # credentials prepared above (and in SELF_BODY) instead of making new ones.
+  start_group "$BENCH_DIR/run-all.log" env BENCH_REUSE=1 SELF_NAME=leanauth \
+    SELF_START="exec $(printf '%q' "$SERVE") \$PORT" SELF_PATH=/oauth2/token \
+    SELF_BODY="$SELF_BODY" DURATION="$DURATION" CONNS="$CONNS" WRK_THREADS="$WRK_THREADS" \
+    bash "$PEERS_DIR/run-all.sh" "${names[@]}"
+  local pid=$STARTED_PID status=0
+  # The log is shown as it grows; run-all.sh is bounded (60 s readiness + DURATION per server).
+  tail -n +1 -f "$BENCH_DIR/run-all.log" --pid="$pid" >&2 &
+  wait "$pid" || status=$?
+  wait $! 2>/dev/null || true
+  STARTED=()
+  [ "$status" -eq 0 ] || return "$status"
+
+  local ours="$PEERS_WORKDIR/results/leanauth.txt" theirs="$PEERS_WORKDIR/results/oidc-provider.txt"
+  if [ "$ours" -nt "$BENCH_DIR/run-all.stamp" ] && [ "$theirs" -nt "$BENCH_DIR/run-all.stamp" ]; then
+    local a b
+    a=$(wrk_field "$ours" rps)
+    b=$(wrk_field "$theirs" rps)
+    awk -v a="$a" -v b="$b" 'BEGIN{printf "leanauth / oidc-provider req/s: %.2fx (%s / %s)\n", a/b, a, b}'
+    echo "leanauth errors: $(($(wrk_field "$ours" non2xx) + $(wrk_field "$ours" sockerr)))"
+  fi
+  echo "raw wrk output: $PEERS_WORKDIR/results/"
+}
+
+ensure_wrk
+# Other load on the machine skews every figure: show it, so that a reader can judge a run.
+echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)" >&2
+"$SERVE" --prepare
+if [ "$MODE" = peers ]; then
+  run_peers "$@"
+else
+  run_self
+fi
