@@ -5,6 +5,12 @@
 #                                  `customer.<id>` tokens; prints req/s, p50, p99 and errors.
 #        bench/run.sh peers [NAME...]   (or PEERS=1) leanauth and the peer servers side by side,
 #                                  through /work/shared/peers/run-all.sh (NAMEs: peers to run).
+#        bench/run.sh backends     leanauth on SQLite, then on PostgreSQL (BENCH_POSTGRES_URL,
+#                                  an admin URL; a throwaway database is made and dropped).
+#        bench/run.sh features     the server before throttling, quotas and the audit trail
+#                                  (BENCH_BASELINE, a git revision) against the server now.
+#        backends and features alternate the two servers for ROUNDS (3) rounds and compare
+#        the medians.
 # Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
 #        BENCH_DIR=/tmp/leanauth-bench (data/ is wiped and re-made each run; raw wrk output in
 #        results/, server log in server.log)
@@ -17,6 +23,7 @@ ROOT=$(dirname "$HERE")
 SERVE="$HERE/serve.sh"
 export BENCH_DIR=${BENCH_DIR:-/tmp/leanauth-bench}
 export LEANAUTH=${LEANAUTH:-$ROOT/.venv/bin/leanauth}
+PYTHON=$(dirname "$LEANAUTH")/python
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-32}
 WRK_THREADS=${WRK_THREADS:-2}
@@ -24,12 +31,13 @@ PEERS_DIR=${PEERS_DIR:-/work/shared/peers}
 export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
 
 MODE=self
-if [ "${1:-}" = peers ]; then
-  MODE=peers
-  shift
-elif [ "${PEERS:-0}" = 1 ]; then
-  MODE=peers
-fi
+case "${1:-}" in
+  peers | backends | features)
+    MODE=$1
+    shift
+    ;;
+  *) [ "${PEERS:-0}" = 1 ] && MODE=peers ;;
+esac
 
 # --- processes this script started: each in its own process group (setsid), so that stopping
 # it also stops its children (uvicorn workers, node cluster workers, npm) and nothing else.
@@ -100,7 +108,15 @@ wrk_field() { # wrk_field FILE rps|p50|p99|n|non2xx|sockerr
   esac
 }
 
-run_self() {
+# measure LABEL [VAR=VALUE...]: prepare a data dir and serve it with serve.sh (VARs set for
+# it), load api then customer tokens; append rows to ROWS and the api req/s to RPS[LABEL].
+declare -A RPS=()
+A_VARS=()
+ROWS=()
+FAILED=0
+measure() {
+  local label=$1
+  shift
   local port=${PORT:-18090}
   local url="http://127.0.0.1:${port}/oauth2/token"
   local results="$BENCH_DIR/results"
@@ -109,7 +125,8 @@ run_self() {
     exit 1
   fi
   mkdir -p "$results"
-  start_group "$BENCH_DIR/server.log" env BENCH_REUSE=1 "$SERVE" "$port"
+  env "$@" "$SERVE" --prepare
+  start_group "$BENCH_DIR/server-${label}.log" env "$@" BENCH_REUSE=1 "$SERVE" "$port"
   local server=$STARTED_PID code=000
   for _ in $(seq 1 60); do
     code=$(post "$url" "$BENCH_DIR/data/api.body")
@@ -118,8 +135,8 @@ run_self() {
     sleep 0.5
   done
   if [ "$code" != 200 ]; then
-    echo "leanauth not ready (last HTTP $code); log: $BENCH_DIR/server.log" >&2
-    tail -n 20 "$BENCH_DIR/server.log" >&2
+    echo "${label} not ready (last HTTP $code); log: $BENCH_DIR/server-${label}.log" >&2
+    tail -n 20 "$BENCH_DIR/server-${label}.log" >&2
     exit 1
   fi
   # Both bodies must give a token before anything is measured.
@@ -129,30 +146,101 @@ run_self() {
     exit 1
   fi
 
-  local rows=() failed=0 scope out errs
+  local scope out errs
   for scope in api customer; do
-    out="$results/wrk-${scope}.txt"
-    echo "== wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}: ${scope} tokens" >&2
+    out="$results/${label}-${scope}.txt"
+    echo "== ${label}: wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}: ${scope} tokens" >&2
     WRK_BODY=$(<"$BENCH_DIR/data/${scope}.body") \
       wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/token.lua" "$url" >"$out"
     errs=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" sockerr)))
-    [ "$errs" -eq 0 ] || failed=1
-    rows+=("$(printf '%-10s %10s %10s %10s %8s %10s' "$scope" "$(wrk_field "$out" rps)" \
-      "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" "$errs" "$(wrk_field "$out" n)")")
+    [ "$errs" -eq 0 ] || FAILED=1
+    [ "$scope" = api ] && RPS[$label]="${RPS[$label]:-} $(wrk_field "$out" rps)"
+    ROWS+=("$(printf '%-22s %-10s %10s %10s %10s %8s %10s' "$label" "$scope" \
+      "$(wrk_field "$out" rps)" "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" "$errs" \
+      "$(wrk_field "$out" n)")")
   done
   stop_group "$server"
-  if grep -qiE 'error|traceback' "$BENCH_DIR/server.log"; then
-    echo "the server logged errors: $BENCH_DIR/server.log" >&2
-    failed=1
+  STARTED=()
+  if grep -qiE 'error|traceback' "$BENCH_DIR/server-${label}.log"; then
+    echo "the server logged errors: $BENCH_DIR/server-${label}.log" >&2
+    FAILED=1
   fi
+}
 
+print_rows() {
   echo
-  echo "leanauth POST /oauth2/token, 2 workers; wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}" \
+  echo "POST /oauth2/token, 2 workers; wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}" \
     "--latency on loopback; wrk shares the $(nproc) cores with the server; $(date -u +%FT%TZ)"
-  printf '%-10s %10s %10s %10s %8s %10s\n' scope req/s p50 p99 errors requests
-  printf '%s\n' "${rows[@]}"
-  echo "raw wrk output: $results/"
-  return "$failed"
+  printf '%-22s %-10s %10s %10s %10s %8s %10s\n' server scope req/s p50 p99 errors requests
+  printf '%s\n' "${ROWS[@]}"
+  echo "raw wrk output: $BENCH_DIR/results/"
+}
+
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END{print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
+
+ratio() { # ratio A B: median api req/s of A over B's, over the rounds
+  local a b
+  a=$(median <<<"${RPS[$1]}")
+  b=$(median <<<"${RPS[$2]}")
+  awk -v a="$a" -v b="$b" -v na="$1" -v nb="$2" -v ra="${RPS[$1]}" -v rb="${RPS[$2]}" \
+    'BEGIN{printf "%s / %s, median api req/s: %.2f (%s / %s; rounds:%s /%s)\n", na, nb, a/b, a, b, ra, rb}'
+}
+
+# compare A B [VARS for B...]: ROUNDS (default 3) alternating runs of the servers A and B, so
+# that drift in the machine's speed falls on both alike. A's VARs come from A_VARS.
+compare() {
+  local a=$1 b=$2
+  shift 2
+  local round
+  for round in $(seq 1 "${ROUNDS:-3}"); do
+    echo "== round ${round}" >&2
+    measure "$a" "${A_VARS[@]}"
+    measure "$b" "$@"
+  done
+}
+
+run_self() {
+  measure leanauth
+  print_rows
+  return "$FAILED"
+}
+
+# The same server on SQLite and on PostgreSQL, one after the other: the token path never
+# touches the database, so the two should match.
+run_backends() {
+  local admin=${BENCH_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+  local name=leanauth_bench_$$
+  "$PYTHON" - "$admin" "$name" create <<'PYEOF'
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    conn.execute(f'DROP DATABASE IF EXISTS "{sys.argv[2]}" WITH (FORCE)')
+    conn.execute(f'CREATE DATABASE "{sys.argv[2]}"')
+PYEOF
+  A_VARS=()
+  compare sqlite postgresql BENCH_DATABASE_URL="${admin%/*}/${name}"
+  "$PYTHON" - "$admin" "$name" <<'PYEOF'
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    conn.execute(f'DROP DATABASE IF EXISTS "{sys.argv[2]}" WITH (FORCE)')
+PYEOF
+  print_rows
+  ratio postgresql sqlite
+  return "$FAILED"
+}
+
+# The server before the credential-lifecycle work (no throttle, quotas or audit trail) and
+# the server now, with a quota on the bench app so the quota check runs on every token.
+run_features() {
+  local rev=${BENCH_BASELINE:-643e945}
+  local tree="$BENCH_DIR/baseline"
+  rm -rf "$tree"
+  git -C "$ROOT" archive --format=tar --prefix=baseline/ "$rev" | tar -C "$BENCH_DIR" -xf -
+  A_VARS=(BENCH_SRC="$tree/src")
+  compare "baseline-${rev}" features \
+    BENCH_APP_OPTIONS="--quota-hourly 1000000000 --quota-daily 1000000000"
+  print_rows
+  ratio features "baseline-${rev}"
+  return "$FAILED"
 }
 
 # Start each peer once, unhurried, before run-all.sh: their first start installs dependencies
@@ -226,9 +314,12 @@ run_peers() {
 ensure_wrk
 # Other load on the machine skews every figure: show it, so that a reader can judge a run.
 echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)" >&2
-"$SERVE" --prepare
-if [ "$MODE" = peers ]; then
-  run_peers "$@"
-else
-  run_self
-fi
+case "$MODE" in
+  peers)
+    "$SERVE" --prepare
+    run_peers "$@"
+    ;;
+  backends) run_backends ;;
+  features) run_features ;;
+  *) run_self ;;
+esac

@@ -13,7 +13,10 @@
 # With BENCH_REUSE=1 an already prepared dir is used as it is: run.sh prepares it first so that
 # it knows the request bodies before a harness (the peers' run-all.sh) starts the server.
 #
-# Env: BENCH_DIR, BENCH_REUSE, WORKERS (default 2), LEANAUTH (the CLI, default: the repo's venv).
+# Env: BENCH_DIR, BENCH_REUSE, WORKERS (default 2), LEANAUTH (the CLI, default: the repo's venv),
+#      BENCH_DATABASE_URL (an empty PostgreSQL database instead of SQLite),
+#      BENCH_SRC (serve the leanauth source tree at this path instead: a baseline checkout),
+#      BENCH_APP_OPTIONS (extra `apps create` options, e.g. quotas).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -42,10 +45,17 @@ esac
 
 # Production-like settings, loopback only. Every LEANAUTH_* setting the server reads is set here
 # so that the caller's environment cannot change what is measured.
-export LEANAUTH_DATABASE_URL="sqlite:///${DATA}/leanauth.db"
+export LEANAUTH_DATABASE_URL=${BENCH_DATABASE_URL:-"sqlite:///${DATA}/leanauth.db"}
 export LEANAUTH_HOST=127.0.0.1
 export LEANAUTH_LOG_LEVEL=warning
-unset LEANAUTH_ISSUER LEANAUTH_KEY_ENCRYPTION_KEY LEANAUTH_KEY_ENCRYPTION_KEY_FILE
+unset LEANAUTH_ISSUER LEANAUTH_KEY_ENCRYPTION_KEY LEANAUTH_REDIS_URL
+# The key file lives in the data dir whatever the database (PostgreSQL has no "beside").
+export LEANAUTH_KEY_ENCRYPTION_KEY_FILE=$DATA/leanauth.kek
+if [ -n "${BENCH_SRC:-}" ]; then
+  # Another source tree on the same venv: `python -m leanauth` imports it first.
+  export PYTHONPATH=$BENCH_SRC
+fi
+leanauth() { "$PYTHON" -m leanauth "$@"; }
 
 # Print a form-encoded token request body for client_id/client_secret from app.json and a scope.
 form_body() {
@@ -73,12 +83,14 @@ prepare() {
   mkdir -p "$DATA"
   chmod 700 "$DATA"  # it holds the key-encryption key and a client secret
   touch "$DATA/$MARKER"
-  "$LEANAUTH" init --json >"$DATA/init.json"
-  "$LEANAUTH" apps create --name bench --scopes api,customer --json >"$DATA/app.json"
+  leanauth init --json >"$DATA/init.json"
+  # shellcheck disable=SC2086 # BENCH_APP_OPTIONS is a list of options
+  leanauth apps create --name bench --scopes api,customer ${BENCH_APP_OPTIONS:-} --json \
+    >"$DATA/app.json"
   local client_id
   client_id=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_id"])' \
     "$DATA/app.json")
-  "$LEANAUTH" customers create --app "$client_id" --app-user-id bench-user-1 --json \
+  leanauth customers create --app "$client_id" --app-user-id bench-user-1 --json \
     >"$DATA/customer.json"
   local customer_id
   customer_id=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["customer_id"])' \
@@ -100,4 +112,4 @@ fi
 
 export LEANAUTH_PORT=$PORT
 # exec: the caller's PID is the server's (uvicorn's supervisor), so it can stop it by PID.
-exec "$LEANAUTH" serve --host 127.0.0.1 --port "$PORT" --workers "${WORKERS:-2}"
+exec "$PYTHON" -m leanauth serve --host 127.0.0.1 --port "$PORT" --workers "${WORKERS:-2}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from leanauth.cache import CachedClient, RegistryCache
@@ -19,8 +19,7 @@ from leanauth.credentials import SecretHasher
 from leanauth.errors import InvalidClient, InvalidRequest
 
 
-@dataclass(frozen=True, slots=True)
-class PresentedCredentials:
+class PresentedCredentials(NamedTuple):
     client_id: str
     client_secret: str
     method: str
@@ -62,8 +61,7 @@ def _decode_basic(authorization: bytes) -> tuple[str, str]:
     return client_id, client_secret
 
 
-@dataclass(frozen=True, slots=True)
-class Authenticated:
+class Authenticated(NamedTuple):
     client: CachedClient
     secret_id: str
 

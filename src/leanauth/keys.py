@@ -16,6 +16,7 @@ published until every token it signed has expired, plus clock-skew leeway.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 from collections.abc import Callable, Iterable
@@ -40,8 +41,13 @@ CLOCK_SKEW_LEEWAY = 300
 RETIRED_KEY_PUBLISHED_FOR = MAX_TOKEN_TTL + CLOCK_SKEW_LEEWAY
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """Unpadded base64url (RFC 7515 §2); three calls per token, so straight to binascii."""
+    encoded = binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE)
+    return encoded.rstrip(b"=").decode("ascii")
 
 
 def _uint(n: int, size: int | None = None) -> str:

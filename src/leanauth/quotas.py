@@ -35,11 +35,16 @@ def usage_windows(now: float) -> tuple[Window, Window]:
 
 
 class UsageCounter:
+    """Tokens issued per app: the cluster's totals per window as last read from the store,
+    plus this process's counts since. Local counts are per app only (one increment per
+    token); a flush adds them to the windows current at that moment, so a count made in the
+    last fraction of a second of an hour may land in the next one."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
         self._windows = usage_windows(time.time())
-        self._pending: Counter[tuple[str, str]] = Counter()
-        self._in_flight: Counter[tuple[str, str]] = Counter()
+        self._pending: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()
         self._totals: dict[tuple[str, str], int] = {}
 
     def _current(self, now: float) -> tuple[Window, Window]:
@@ -47,33 +52,31 @@ class UsageCounter:
             self._windows = usage_windows(now)
         return self._windows
 
-    def _used(self, key: tuple[str, str]) -> int:
-        return self._totals.get(key, 0) + self._in_flight[key] + self._pending[key]
-
     def check(self, app: App, now: float) -> None:
         """Raise :class:`TooManyRequests` when the app has no token left in a window."""
         if app.quota_hourly is None and app.quota_daily is None:
             return
+        local = self._in_flight[app.client_id] + self._pending[app.client_id]
         hour, day = self._current(now)
         for window, quota, per in ((hour, app.quota_hourly, "hour"), (day, app.quota_daily, "day")):
-            if quota is not None and self._used((app.client_id, window.name)) >= quota:
+            used = self._totals.get((app.client_id, window.name), 0) + local
+            if quota is not None and used >= quota:
                 raise TooManyRequests(
                     f"This app may have {quota} tokens per {per} (UTC); cache and reuse them.",
                     retry_after=int(window.ends_at - now) + 1,
                 )
 
-    def count(self, client_id: str, now: float) -> None:
-        hour, day = self._current(now)
-        self._pending[(client_id, hour.name)] += 1
-        self._pending[(client_id, day.name)] += 1
+    def count(self, client_id: str) -> None:
+        self._pending[client_id] += 1
 
     def flush(self) -> None:
         """Add local counts to the store and read the cluster's totals (blocking)."""
         self._in_flight, self._pending = self._pending, Counter()
         hour, day = self._current(time.time())
         keep = [hour.name, day.name]
+        deltas = {(client, w): n for client, n in self._in_flight.items() for w in keep}
         try:
-            self._store.add_usage(dict(self._in_flight), keep)
+            self._store.add_usage(deltas, keep)
         except Exception:
             # Keep the counts for the next flush rather than lose them.
             self._pending.update(self._in_flight)

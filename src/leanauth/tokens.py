@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -21,8 +21,7 @@ from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL, Settings
 JTI_BYTES = 18
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedToken:
+class IssuedToken(NamedTuple):
     access_token: str
     expires_in: int
     expires_at: int

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote_plus
 
 from leanauth.clientauth import Authenticated, authenticate, presented_credentials
 from leanauth.errors import (
@@ -83,15 +83,22 @@ def parse_form(body: bytes) -> dict[str, str]:
     parameters sent without a value MUST be treated as if they were omitted."""
     if body.count(b"&") >= MAX_FIELDS:
         raise InvalidRequest(f"Too many parameters (at most {MAX_FIELDS}).")
+    params: dict[str, str] = {}
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+        # What parse_qsl does, without its generality: it took an eighth of the token
+        # path's time (measured), and most pairs here need no unescaping at all.
+        for pair in body.decode("utf-8").split("&"):
+            if not pair:
+                continue
+            name, _, value = pair.partition("=")
+            if "%" in pair or "+" in pair:
+                name = unquote_plus(name, errors="strict")
+                value = unquote_plus(value, errors="strict")
+            if name in params:
+                raise InvalidRequest(f"The parameter {name!r} is repeated.")
+            params[name] = value
     except UnicodeDecodeError:
         raise InvalidRequest("The body is not a valid UTF-8 form.") from None
-    params: dict[str, str] = {}
-    for name, value in pairs:
-        if name in params:
-            raise InvalidRequest(f"The parameter {name!r} is repeated.")
-        params[name] = value
     return {name: value for name, value in params.items() if value != ""}
 
 
@@ -104,8 +111,7 @@ class Attempt:
     scope: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FormRequest:
+class FormRequest(NamedTuple):
     headers: dict[bytes, bytes]
     params: dict[str, str]
 

@@ -70,7 +70,7 @@ class TokenEndpoint(OAuthEndpoint):
         token = services.issuer.issue(
             services.cache.keyring.signer, app.client_id, requested, app.token_ttl
         )
-        services.usage.count(app.client_id, now)
+        services.usage.count(app.client_id)
         services.secret_use[authenticated.secret_id] = int(now)
         services.audit.record(
             "token",
