@@ -209,23 +209,29 @@ run_self() {
 # touches the database, so the two should match.
 run_backends() {
   local admin=${BENCH_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
-  local name=leanauth_bench_$$
-  "$PYTHON" - "$admin" "$name" create <<'PYEOF'
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    conn.execute(f'DROP DATABASE IF EXISTS "{sys.argv[2]}" WITH (FORCE)')
-    conn.execute(f'CREATE DATABASE "{sys.argv[2]}"')
-PYEOF
-  A_VARS=()
-  compare sqlite postgresql BENCH_DATABASE_URL="${admin%/*}/${name}"
-  "$PYTHON" - "$admin" "$name" <<'PYEOF'
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    conn.execute(f'DROP DATABASE IF EXISTS "{sys.argv[2]}" WITH (FORCE)')
-PYEOF
+  local name=leanauth_bench_$$ round
+  for round in $(seq 1 "${ROUNDS:-3}"); do
+    echo "== round ${round}" >&2
+    measure sqlite
+    # A fresh database each round: each round's data dir has a new key-encryption key.
+    postgres_database "$admin" "$name" create
+    measure postgresql BENCH_DATABASE_URL="${admin%/*}/${name}"
+    postgres_database "$admin" "$name" drop
+  done
   print_rows
   ratio postgresql sqlite
   return "$FAILED"
+}
+
+postgres_database() { # postgres_database ADMIN_URL NAME create|drop
+  "$PYTHON" - "$@" <<'PYEOF'
+import sys, psycopg
+admin, name, action = sys.argv[1:]
+with psycopg.connect(admin, autocommit=True) as conn:
+    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if action == "create":
+        conn.execute(f'CREATE DATABASE "{name}"')
+PYEOF
 }
 
 # The server before the credential-lifecycle work (no throttle, quotas or audit trail) and

@@ -157,3 +157,40 @@ def test_a_server_refuses_an_outdated_schema(tmp_path: Path, postgres: PostgresD
         conn.execute("UPDATE alembic_version SET version_num = '0000'")
     with pytest.raises(RuntimeError, match="leanauth db upgrade"):
         start_server(env)
+
+
+def test_a_node_recovers_when_its_database_connections_are_cut(
+    tmp_path: Path, postgres: PostgresDatabases
+) -> None:
+    """A failover or restart kills every connection: tokens keep being issued from memory,
+    and database work (a customer lookup, the audit trail) resumes without a restart."""
+    env = cluster_env(tmp_path, postgres, LEANAUTH_REFRESH_INTERVAL="0.2")
+    server = start_server(env)
+    try:
+        app = create_app(env, "--name", "Failover app")
+        wait_for(lambda: request_token(server, app).status_code == 200)
+        name = env.vars["LEANAUTH_DATABASE_URL"].rsplit("/", 1)[1]
+        with psycopg.connect(env.vars["LEANAUTH_DATABASE_URL"], autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ).fetchone()
+        assert cut is not None
+        assert cut[0] >= 1
+        assert request_token(server, app).status_code == 200
+        customer = env.cli("customers", "create", "--app", app.client_id, "--app-user-id", "u9")
+        scope = f"customer.{customer['customer_id']}"
+        # At most one refusal while the pool finds its connections dead, then tokens again.
+        statuses = [request_token(server, app, scope=scope).status_code for _ in range(3)]
+        assert statuses[-1] == 200, statuses
+        assert set(statuses) <= {200, 503}, statuses
+        wait_for(
+            lambda: any(
+                e["outcome"] == "issued" and (e["detail"] or {}).get("scope") == scope
+                for e in env.cli("audit", "list", "--app", app.client_id)
+            ),
+            timeout=5,
+        )
+    finally:
+        server.stop()

@@ -12,7 +12,7 @@ import pytest
 from leanauth.keys import KeyCipher, StoredKey, new_stored_key
 from leanauth.store import migrate
 from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
-from leanauth.store.models import App, ClientSecret, Customer
+from leanauth.store.models import App, AuditEvent, ClientSecret, Customer, RevokedToken
 from leanauth.store.sql import SqlStore
 
 NOW = 1_800_000_000
@@ -319,3 +319,45 @@ def test_unreachable_database_is_a_store_error() -> None:
             unreachable.get_app(str(uuid.uuid4()))
     finally:
         unreachable.close()
+
+
+def test_audit_events_round_trip(store: SqlStore) -> None:
+    events = [
+        AuditEvent(NOW * 1000 + i, "token", "issued", "app-a", "127.0.0.1", {"jti": f"j{i}"})
+        for i in range(3)
+    ] + [AuditEvent(NOW * 1000 + 5, "admin", "app.create", "app-b", "cli", None)]
+    store.add_audit_events(events)
+    listed = store.list_audit_events()
+    assert [(e.at_ms, e.kind, e.outcome, e.client_id, e.source, e.detail) for e in listed] == [
+        tuple(e[:6]) for e in events
+    ]
+    assert [e.detail for e in store.list_audit_events("app-a")] == [
+        {"jti": "j0"},
+        {"jti": "j1"},
+        {"jti": "j2"},
+    ]
+    assert [e.at_ms for e in store.list_audit_events(since_ms=NOW * 1000 + 2)] == [
+        NOW * 1000 + 2,
+        NOW * 1000 + 5,
+    ]
+    assert [e.at_ms for e in store.list_audit_events(limit=2)] == [NOW * 1000 + 2, NOW * 1000 + 5]
+
+
+def test_revoked_tokens(store: SqlStore) -> None:
+    live = RevokedToken("jti-live", "app-a", NOW + 100, NOW)
+    assert store.revoke_token(live) is True
+    assert store.revoke_token(live) is False
+    assert store.get_revoked("jti-live") == live
+    assert store.get_revoked("jti-unknown") is None
+    store.revoke_token(RevokedToken("jti-old", "app-a", NOW + 10, NOW))
+    assert {r.jti for r in store.list_revoked(NOW + 50)} == {"jti-live"}
+
+
+def test_usage_adds_up_and_keeps_only_named_windows(store: SqlStore) -> None:
+    store.add_usage({("app-a", "h:2027011500"): 3, ("app-a", "d:20270115"): 3}, ["h:2027011500"])
+    store.add_usage({("app-a", "h:2027011500"): 2, ("app-b", "h:2027011500"): 1}, ["h:2027011500"])
+    assert store.usage(["h:2027011500", "d:20270115"]) == {
+        ("app-a", "h:2027011500"): 5,
+        ("app-b", "h:2027011500"): 1,
+    }
+    assert store.usage(["h:2027011500"], "app-b") == {("app-b", "h:2027011500"): 1}

@@ -23,7 +23,7 @@ log = logging.getLogger("leanauth.services")
 
 # Small, frequent batches: a big batch holds the interpreter long enough to show in the
 # token path's tail latency.
-FLUSH_INTERVAL = 0.25
+FLUSH_INTERVAL = 0.5
 KEY_ROTATION_CHECK_INTERVAL = 60.0
 
 

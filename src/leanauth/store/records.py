@@ -31,6 +31,7 @@ def _event(row: Any) -> AuditEvent:
 
 
 AUDIT_COLUMNS = ("at_ms", "kind", "outcome", "client_id", "source", "detail")
+AUDIT_COPY = f"COPY audit_events ({', '.join(AUDIT_COLUMNS)}) FROM STDIN"
 
 
 class SqlRecords(SqlBase):
@@ -46,8 +47,10 @@ class SqlRecords(SqlBase):
                 expires_at=revoked.expires_at,
                 revoked_at=revoked.revoked_at,
             )
-            done = conn.execute(statement.on_conflict_do_nothing(index_elements=["jti"]))
-            if done.rowcount == 0:
+            inserted = conn.execute(
+                statement.on_conflict_do_nothing(index_elements=["jti"]).returning(table.c.jti)
+            ).first()
+            if inserted is None:
                 return False
             conn.execute(table.delete().where(table.c.expires_at < revoked.revoked_at))
             self._record_change(conn, "revocation", revoked.jti)
@@ -115,12 +118,19 @@ class SqlRecords(SqlBase):
             for e in events
         ]
         with self._write() as conn:
-            # SQLite's driver takes "?", psycopg "%s".
-            marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            # A plain driver executemany: the trail gets a row per token, and SQLAlchemy's
-            # per-row parameter handling doubled its cost (measured: 5.8 vs 2.8 µs a row).
+            if conn.dialect.name == "postgresql":
+                # COPY: a row per token is the heaviest write the server makes, and COPY
+                # costs PostgreSQL (on the same machine, often) a fraction of INSERTs.
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                with driver.cursor() as cursor, cursor.copy(AUDIT_COPY) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                return
+            # A plain driver executemany: SQLAlchemy's per-row parameter handling doubled the
+            # cost (measured: 5.8 vs 2.8 µs a row).
             statement = "INSERT INTO audit_events ({}) VALUES ({})".format(  # noqa: S608
-                ", ".join(AUDIT_COLUMNS), ", ".join([marker] * len(AUDIT_COLUMNS))
+                ", ".join(AUDIT_COLUMNS), ", ".join(["?"] * len(AUDIT_COLUMNS))
             )
             conn.exec_driver_sql(statement, rows)
 
