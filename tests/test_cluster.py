@@ -194,3 +194,31 @@ def test_a_node_recovers_when_its_database_connections_are_cut(
         )
     finally:
         server.stop()
+
+
+def test_a_server_refuses_a_schema_one_migration_behind(tmp_path: Path) -> None:
+    """A database left at an older revision: serve refuses with a one-line error naming the
+    command, `db current` says it is behind, and `db upgrade` brings it to head."""
+    from alembic import command
+
+    from leanauth.store.migrate import _config, head_revision
+    from leanauth.store.sql import SqlStore
+
+    env = Env(tmp_path)
+    store = SqlStore(env.vars["LEANAUTH_DATABASE_URL"])
+    try:
+        with store.engine.connect() as conn:
+            command.upgrade(_config(conn), "0001")
+            conn.commit()
+    finally:
+        store.close()
+    with pytest.raises(RuntimeError, match="run `leanauth db upgrade`"):
+        start_server(env)
+    assert env.cli("db", "current") == {
+        "revision": "0001",
+        "head": head_revision(),
+        "current": False,
+    }
+    assert env.cli("db", "upgrade")["revision"] == head_revision()
+    server = start_server(env)
+    server.stop()
