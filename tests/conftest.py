@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,29 @@ from leanauth.cli import main as cli_main
 pytest_plugins = ["secret_sweep"]
 pytest.register_assert_rewrite("secret_sweep")
 from secret_sweep import record_values, scan_postgres  # noqa: E402
+
+# For test modules whose own refusals would otherwise trip the brute-force throttle (tested
+# on its own in test_throttle.py).
+RELAXED_THROTTLE = {
+    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
+    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
+}
+
+
+def served_kids(server: Server) -> set[str]:
+    """The kids of the JWKS a server publishes now."""
+    jwks = httpx.get(server.url + "/oauth2/jwks", timeout=10).json()
+    return {key["kid"] for key in jwks["keys"]}
+
+
+@contextmanager
+def serving(env: Env) -> Iterator[Server]:
+    """A server on ``env`` for the duration of the block (module fixtures use it)."""
+    running = start_server(env)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from conftest import (
     Server,
     create_app,
     request_token,
-    start_server,
+    serving,
     wait_for,
     wait_until_known,
 )
@@ -51,9 +51,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def server(env: Env) -> Iterator[Server]:
-    running = start_server(env)
-    yield running
-    running.stop()
+    with serving(env) as running:
+        yield running
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,18 @@ import jwt
 import pytest
 
 from conftest import (
+    RELAXED_THROTTLE,
     AppCredentials,
     Env,
     Server,
     create_app,
-    start_server,
+    serving,
     wait_until_known,
 )
 from leanauth.client import ClientCredentials, TokenRequestError
 from secret_sweep import record_token
 
 # This module waits for its apps with failing token requests; the throttle must not mind.
-RELAXED_THROTTLE = {
-    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-}
 CONCURRENCY = 100
 
 
@@ -46,9 +43,8 @@ def sdk_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def sdk_server(sdk_env: Env) -> Iterator[Server]:
-    running = start_server(sdk_env)
-    yield running
-    running.stop()
+    with serving(sdk_env) as running:
+        yield running
 
 
 def new_app(env: Env, server: Server, *args: str) -> AppCredentials:

@@ -19,6 +19,7 @@ from conftest import (
     Server,
     create_app,
     request_token,
+    served_kids,
     start_server,
     wait_for,
 )
@@ -63,10 +64,6 @@ def nodes(
 def token_kid(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return str(jwt.get_unverified_header(response.json()["access_token"])["kid"])
-
-
-def served_kids(server: Server) -> set[str]:
-    return {k["kid"] for k in httpx.get(server.url + "/oauth2/jwks").json()["keys"]}
 
 
 def test_every_node_sees_a_change_within_a_second(nodes: tuple[Env, list[Server]]) -> None:

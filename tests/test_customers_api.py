@@ -14,11 +14,13 @@ import httpx
 import pytest
 
 from conftest import (
+    RELAXED_THROTTLE,
     AppCredentials,
     Env,
     Server,
     create_app,
     request_token,
+    serving,
     start_server,
     wait_until_known,
 )
@@ -27,10 +29,6 @@ BASE = "/customers/v1/"
 JSON = "application/json"
 LEAN_ERROR_KEYS = {"status", "message", "timestamp"}
 # This module waits for its apps with failing token requests; the throttle must not mind.
-RELAXED_THROTTLE = {
-    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-}
 
 
 # Fixtures and helpers
@@ -43,9 +41,8 @@ def api_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def api_server(api_env: Env) -> Iterator[Server]:
-    running = start_server(api_env)
-    yield running
-    running.stop()
+    with serving(api_env) as running:
+        yield running
 
 
 def new_app(env: Env, server: Server, *args: str) -> AppCredentials:

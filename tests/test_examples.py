@@ -17,22 +17,19 @@ import httpx
 import pytest
 
 from conftest import (
+    RELAXED_THROTTLE,
     AppCredentials,
     Env,
     Server,
     create_app,
     free_port,
     request_token,
-    start_server,
+    serving,
     wait_until_known,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 # This module waits for its app with failing token requests; the throttle must not mind.
-RELAXED_THROTTLE = {
-    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-}
 
 
 @dataclass
@@ -49,9 +46,8 @@ def auth_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def auth_server(auth_env: Env) -> Iterator[Server]:
-    running = start_server(auth_env)
-    yield running
-    running.stop()
+    with serving(auth_env) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

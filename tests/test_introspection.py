@@ -20,12 +20,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from conftest import (
+    RELAXED_THROTTLE,
     AppCredentials,
     Env,
     PostgresDatabases,
     Server,
     create_app,
     request_token,
+    serving,
     start_server,
     wait_for,
 )
@@ -39,10 +41,6 @@ ENDPOINTS = [REVOKE, INTROSPECT]
 METHODS = ["client_secret_post", "client_secret_basic"]
 INACTIVE = {"active": False}
 # Waiting for new apps sends failing requests; the throttle must not mind them.
-RELAXED_THROTTLE = {
-    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-}
 
 
 def basic(creds: AppCredentials) -> str:
@@ -112,9 +110,8 @@ def ienv(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def node(ienv: Env) -> Iterator[Server]:
-    running = start_server(ienv)
-    yield running
-    running.stop()
+    with serving(ienv) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,19 @@ import httpx
 import pytest
 
 from conftest import (
+    RELAXED_THROTTLE,
     AppCredentials,
     Env,
     PostgresDatabases,
     Server,
     create_app,
     request_token,
+    serving,
     start_server,
     wait_for,
 )
 
 # Waiting for a new app sends failing requests; the throttle must not mind them.
-RELAXED_THROTTLE = {
-    "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-    "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-}
 
 
 def away_from_the_hour_edge(margin: float = 20.0) -> None:
@@ -70,9 +68,8 @@ def quota_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def node(quota_env: Env) -> Iterator[Server]:
-    running = start_server(quota_env)
-    yield running
-    running.stop()
+    with serving(quota_env) as running:
+        yield running
 
 
 def new_app(env: Env, server: Server, *options: str) -> AppCredentials:

@@ -22,6 +22,7 @@ from conftest import (
     Server,
     create_app,
     request_token,
+    serving,
     start_server,
     wait_for,
     wait_until_known,
@@ -49,9 +50,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def server(env: Env) -> Iterator[Server]:
-    running = start_server(env)
-    yield running
-    running.stop()
+    with serving(env) as running:
+        yield running
 
 
 @pytest.fixture

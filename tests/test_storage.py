@@ -27,15 +27,12 @@ from conftest import (
     create_app,
     free_port,
     request_token,
+    served_kids,
     start_server,
     wait_until_known,
 )
 from leanauth.keys import KeyCipher
 from leanauth.settings import decode_key
-
-
-def served_kids(server: Server) -> list[str]:
-    return [k["kid"] for k in httpx.get(server.url + "/oauth2/jwks", timeout=10).json()["keys"]]
 
 
 def verify(server: Server, token: str, audience: str) -> dict[str, Any]:
@@ -91,7 +88,7 @@ def test_restart_keeps_keys_apps_and_customers(tmp_path: Path) -> None:
         customer_token = customer_response.json()["access_token"]
         kids_before = served_kids(first)
         kid = jwt.get_unverified_header(api_token)["kid"]
-        assert kids_before == [kid]
+        assert kids_before == {kid}
     finally:
         first.stop()
 

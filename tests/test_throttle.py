@@ -29,6 +29,7 @@ from conftest import (
     Server,
     create_app,
     free_port,
+    serving,
     start_server,
     wait_for,
 )
@@ -163,9 +164,8 @@ def throttled_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="module")
 def throttled(throttled_env: Env) -> Iterator[Server]:
-    running = start_server(throttled_env)
-    yield running
-    running.stop()
+    with serving(throttled_env) as running:
+        yield running
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from conftest import (
     Server,
     create_app,
     request_token,
+    served_kids,
     start_server,
     wait_until_known,
 )
@@ -68,11 +69,6 @@ def issue(
         options={"require": REQUIRED_CLAIMS},
     )
     return Issued(body, jwt.get_unverified_header(token), claims)
-
-
-def served_kids(server: Server) -> set[str]:
-    jwks = httpx.get(server.url + "/oauth2/jwks", timeout=10).json()
-    return {key["kid"] for key in jwks["keys"]}
 
 
 def test_header_is_es256_at_jwt_with_a_published_kid(
