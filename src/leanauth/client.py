@@ -105,34 +105,41 @@ class ClientCredentials(httpx.Auth):
         self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
     ) -> str:
         scope = scope or self._scope
-        needed = self._margin if min_remaining is None else min_remaining
-        cached = self._tokens.get(scope)
-        if cached is not None and not force and cached.remaining() > needed:
-            return cached.value
+        seen = self._tokens.get(scope)
+        if not force and (hit := self._fresh(scope, min_remaining)) is not None:
+            return hit.value
         with self._lock:
-            # Another thread may have fetched it while this one waited.
-            latest = self._tokens.get(scope)
-            if latest is not None and latest is not cached and latest.remaining() > needed:
-                return latest.value
-            fetched = self._fetch_sync(scope)
-            self._tokens[scope] = fetched
-            return fetched.value
+            # Another thread may have fetched one while this one waited for the lock.
+            if (hit := self._fresh(scope, min_remaining, unless=seen)) is not None:
+                return hit.value
+            return self._store(scope, self._fetch_sync(scope))
 
     async def atoken(
         self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
     ) -> str:
         scope = scope or self._scope
-        needed = self._margin if min_remaining is None else min_remaining
-        cached = self._tokens.get(scope)
-        if cached is not None and not force and cached.remaining() > needed:
-            return cached.value
+        seen = self._tokens.get(scope)
+        if not force and (hit := self._fresh(scope, min_remaining)) is not None:
+            return hit.value
         async with self._async_lock(scope):
-            latest = self._tokens.get(scope)
-            if latest is not None and latest is not cached and latest.remaining() > needed:
-                return latest.value
-            fetched = await self._fetch_async(scope)
-            self._tokens[scope] = fetched
-            return fetched.value
+            if (hit := self._fresh(scope, min_remaining, unless=seen)) is not None:
+                return hit.value
+            return self._store(scope, await self._fetch_async(scope))
+
+    def _fresh(
+        self, scope: str, min_remaining: float | None, unless: _Token | None = None
+    ) -> _Token | None:
+        """The cached token if it has enough time left and is not ``unless`` (one already
+        found wanting, e.g. refused by the API)."""
+        needed = self._margin if min_remaining is None else min_remaining
+        token = self._tokens.get(scope)
+        if token is not None and token is not unless and token.remaining() > needed:
+            return token
+        return None
+
+    def _store(self, scope: str, token: _Token) -> str:
+        self._tokens[scope] = token
+        return token.value
 
     def customer_token(self, customer_id: str) -> str:
         """A ``customer.<id>`` token with at least ten minutes left, for the LinkSDK."""

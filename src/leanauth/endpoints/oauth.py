@@ -18,7 +18,7 @@ from leanauth.endpoints.oauthbase import Attempt, OAuthEndpoint, Receive, Scope
 from leanauth.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
 from leanauth.services import Services
 from leanauth.store.base import StoreError
-from leanauth.store.models import RevokedToken
+from leanauth.store.models import App, RevokedToken
 
 REVOKE_PATH = "/oauth2/revoke"
 INTROSPECT_PATH = "/oauth2/introspect"
@@ -61,7 +61,21 @@ def decode_own_token(
     return claims
 
 
-class RevocationEndpoint(OAuthEndpoint):
+class TokenCheckEndpoint(OAuthEndpoint):
+    """An endpoint about a token: the form, the calling app, and the token's claims."""
+
+    async def caller_and_token(
+        self, scope: Scope, receive: Receive, attempt: Attempt, now: float, *, expired: bool
+    ) -> tuple[App, dict[str, Any] | None]:
+        """The authenticated app and the claims of the ``token`` parameter (None when it is
+        not a token of ours; with ``expired``, expired tokens still count as ours)."""
+        form = await self.read_form(scope, receive, attempt)
+        caller = self.authenticate(form, attempt, now).client.app
+        token = token_parameter(form.params)
+        return caller, decode_own_token(self._services, token, check_expiry=not expired)
+
+
+class RevocationEndpoint(TokenCheckEndpoint):
     """RFC 7009: an app revokes its own tokens. Invalid or expired tokens answer 200 (the
     client cannot do anything about them); another app's token is refused."""
 
@@ -69,10 +83,8 @@ class RevocationEndpoint(OAuthEndpoint):
 
     async def handle(self, scope: Scope, receive: Receive, attempt: Attempt) -> bytes:
         services = self._services
-        form = await self.read_form(scope, receive, attempt)
         now = time.time()
-        caller = self.authenticate(form, attempt, now).client.app
-        claims = decode_own_token(services, token_parameter(form.params), check_expiry=False)
+        caller, claims = await self.caller_and_token(scope, receive, attempt, now, expired=True)
         if claims is None or claims["exp"] < now:
             services.audit.record("revocation", "not_revoked", caller.client_id, attempt.source)
             return b""
@@ -89,7 +101,7 @@ class RevocationEndpoint(OAuthEndpoint):
         return b""
 
 
-class IntrospectionEndpoint(OAuthEndpoint):
+class IntrospectionEndpoint(TokenCheckEndpoint):
     """RFC 7662: the owning app, or an app flagged as a resource server, learns whether a
     token is active. A view of the revocation list older than the configured staleness answers
     503 rather than risk calling a revoked token active, or a good one inactive."""
@@ -98,10 +110,8 @@ class IntrospectionEndpoint(OAuthEndpoint):
 
     async def handle(self, scope: Scope, receive: Receive, attempt: Attempt) -> bytes:
         services = self._services
-        form = await self.read_form(scope, receive, attempt)
         now = time.time()
-        caller = self.authenticate(form, attempt, now).client.app
-        claims = decode_own_token(services, token_parameter(form.params), check_expiry=True)
+        caller, claims = await self.caller_and_token(scope, receive, attempt, now, expired=False)
         allowed = claims is not None and (
             caller.introspect or claims["client_id"] == caller.client_id
         )
