@@ -313,3 +313,29 @@ def test_the_server_writes_audit_records_as_json_log_lines(
     assert (scenario.app.client_id, "wrong_secret") in reasons
     assert (scenario.unknown.client_id, "unknown_client") in reasons
     assert (scenario.disabled.client_id, "disabled_app") in reasons
+
+
+def test_a_server_deletes_audit_records_past_their_retention(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from leanauth.store.models import AuditEvent
+    from leanauth.store.sql import SqlStore
+
+    env = Env(tmp_path_factory.mktemp("retention"), extra={"LEANAUTH_AUDIT_RETENTION_DAYS": "1"})
+    env.cli("init")
+    now_ms = int(time.time() * 1000)
+    store = SqlStore(env.vars["LEANAUTH_DATABASE_URL"])
+    try:
+        store.add_audit_events(
+            [
+                AuditEvent(now_ms - 2 * 86_400_000, "admin", "app.create", "old-app", "cli", None),
+                AuditEvent(now_ms - 3_600_000, "admin", "app.create", "recent-app", "cli", None),
+            ]
+        )
+    finally:
+        store.close()
+    with serving(env):
+        wait_for(
+            lambda: {e["client_id"] for e in env.cli("audit", "list")} == {"recent-app"},
+            timeout=5,
+        )

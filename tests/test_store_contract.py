@@ -361,3 +361,11 @@ def test_usage_adds_up_and_keeps_only_named_windows(store: SqlStore) -> None:
         ("app-b", "h:2027011500"): 1,
     }
     assert store.usage(["h:2027011500"], "app-b") == {("app-b", "h:2027011500"): 1}
+
+
+def test_old_audit_events_are_pruned(store: SqlStore) -> None:
+    store.add_audit_events(
+        [AuditEvent(at, "token", "issued", "app-a", "127.0.0.1", None) for at in (10, 20, 30)]
+    )
+    assert store.prune_audit_events(25) == 2
+    assert [e.at_ms for e in store.list_audit_events()] == [30]

@@ -16,7 +16,13 @@ from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
 from leanauth.endpoints.oauth import oauth_routes
 from leanauth.endpoints.token import TokenEndpoint
 from leanauth.logs import configure_logging
-from leanauth.services import FLUSH_INTERVAL, KEY_ROTATION_CHECK_INTERVAL, Housekeeper, Services
+from leanauth.services import (
+    AUDIT_PRUNE_INTERVAL,
+    FLUSH_INTERVAL,
+    KEY_ROTATION_CHECK_INTERVAL,
+    Housekeeper,
+    Services,
+)
 from leanauth.settings import Settings
 
 
@@ -29,7 +35,10 @@ class LeanAuthApp:
         self.cache = services.cache
         self._issuer_path = urlsplit(settings.issuer).path.rstrip("/")
         self.token_endpoint = TokenEndpoint(services)
-        jobs: list[tuple[float, Callable[[], None]]] = [(FLUSH_INTERVAL, services.flush)]
+        jobs: list[tuple[float, Callable[[], None]]] = [
+            (FLUSH_INTERVAL, services.flush),
+            (AUDIT_PRUNE_INTERVAL, services.prune_audit_trail),
+        ]
         if settings.key_rotation_days:
             jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
         self._housekeeper = Housekeeper(jobs)

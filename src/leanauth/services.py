@@ -26,6 +26,7 @@ log = logging.getLogger("leanauth.services")
 # on SQLite a second's batch shows in the tail latency (p99 ~10 ms instead of ~7 ms).
 FLUSH_INTERVAL = 1.0
 KEY_ROTATION_CHECK_INTERVAL = 60.0
+AUDIT_PRUNE_INTERVAL = 3600.0
 
 
 @dataclass
@@ -72,6 +73,14 @@ class Services:
             for secret_id, at in used.items():
                 self.secret_use.setdefault(secret_id, at)
             raise
+
+    def prune_audit_trail(self) -> None:
+        """Delete audit records past their retention (every node may: it is idempotent)."""
+        days = self.runtime.settings.audit_retention_days
+        before_ms = int((time.time() - days * 86_400) * 1000)
+        removed = self.runtime.store.prune_audit_events(before_ms)
+        if removed:
+            log.info("deleted %d audit records older than %d days", removed, days)
 
     def rotate_key_if_due(self) -> None:
         key = registry.rotate_key_if_due(self.runtime, int(time.time()))

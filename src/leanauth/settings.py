@@ -100,6 +100,8 @@ class Settings:
     # LEANAUTH_AUDIT_LOG: also emit every audit record as a log line (they always go to the
     # database); "all", "failures" (failed authentications and admin changes) or "none".
     audit_log: str = "failures"
+    # LEANAUTH_AUDIT_RETENTION_DAYS: audit records older than this are deleted (hourly).
+    audit_retention_days: int = 90
     # LEANAUTH_CUSTOMERS_API: serve the Customers API (/customers/v1/) on this server.
     customers_api: bool = True
     # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
@@ -169,6 +171,9 @@ class Settings:
             ),
             audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
             customers_api=reader.boolean("CUSTOMERS_API", cls.customers_api),
+            audit_retention_days=reader.integer(
+                "AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36_500
+            ),
         )
         if settings.introspection_max_staleness < 2 * settings.refresh_interval:
             raise SettingsError(

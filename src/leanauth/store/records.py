@@ -134,6 +134,12 @@ class SqlRecords(SqlBase):
             )
             conn.exec_driver_sql(statement, rows)
 
+    def prune_audit_events(self, before_ms: int) -> int:
+        """Delete events older than ``before_ms``; how many went."""
+        table = schema.audit_events
+        with self._write() as conn:
+            return int(conn.execute(table.delete().where(table.c.at_ms < before_ms)).rowcount)
+
     def list_audit_events(
         self, client_id: str | None = None, since_ms: int | None = None, limit: int = 1000
     ) -> Sequence[AuditEvent]:
