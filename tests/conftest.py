@@ -194,6 +194,15 @@ def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> 
     return response
 
 
+def known_app(env: Env, server: Server, *args: str) -> AppCredentials:
+    """A new app (uniquely named, ``apps create`` ARGS) once ``server`` has picked it up."""
+    import uuid
+
+    created = create_app(env, "--name", f"app-{uuid.uuid4().hex[:8]}", *args)
+    wait_until_known(server, created)
+    return created
+
+
 def wait_until_known(server: Server, creds: AppCredentials) -> None:
     """Wait for a server to see an app made by the CLI (its cache refreshes in the background)."""
     wait_for(lambda: request_token(server, creds).status_code == 200)

@@ -22,9 +22,8 @@ from conftest import (
     AppCredentials,
     Env,
     Server,
-    create_app,
+    known_app,
     serving,
-    wait_until_known,
 )
 from leanauth.client import ClientCredentials, TokenRequestError
 from secret_sweep import record_token
@@ -47,21 +46,15 @@ def sdk_server(sdk_env: Env) -> Iterator[Server]:
         yield running
 
 
-def new_app(env: Env, server: Server, *args: str) -> AppCredentials:
-    created = create_app(env, "--name", f"sdk-{uuid.uuid4().hex[:8]}", *args)
-    wait_until_known(server, created)
-    return created
-
-
 @pytest.fixture(scope="module")
 def sdk_app(sdk_env: Env, sdk_server: Server) -> AppCredentials:
-    return new_app(sdk_env, sdk_server, "--scopes", "api,customer")
+    return known_app(sdk_env, sdk_server, "--scopes", "api,customer")
 
 
 @pytest.fixture(scope="module")
 def short_app(sdk_env: Env, sdk_server: Server) -> AppCredentials:
     """An app whose tokens live 60 s."""
-    return new_app(sdk_env, sdk_server, "--scopes", "api,customer", "--token-ttl", "60")
+    return known_app(sdk_env, sdk_server, "--scopes", "api,customer", "--token-ttl", "60")
 
 
 def auth_for(server: Server, creds: AppCredentials, **options: Any) -> ClientCredentials:

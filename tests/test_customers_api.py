@@ -18,11 +18,10 @@ from conftest import (
     AppCredentials,
     Env,
     Server,
-    create_app,
+    known_app,
     request_token,
     serving,
     start_server,
-    wait_until_known,
 )
 
 BASE = "/customers/v1/"
@@ -45,20 +44,14 @@ def api_server(api_env: Env) -> Iterator[Server]:
         yield running
 
 
-def new_app(env: Env, server: Server, *args: str) -> AppCredentials:
-    created = create_app(env, "--name", f"app-{uuid.uuid4().hex[:8]}", *args)
-    wait_until_known(server, created)
-    return created
-
-
 @pytest.fixture(scope="module")
 def owner(api_env: Env, api_server: Server) -> AppCredentials:
-    return new_app(api_env, api_server, "--scopes", "api,customer")
+    return known_app(api_env, api_server, "--scopes", "api,customer")
 
 
 @pytest.fixture(scope="module")
 def other(api_env: Env, api_server: Server) -> AppCredentials:
-    return new_app(api_env, api_server, "--scopes", "api,customer")
+    return known_app(api_env, api_server, "--scopes", "api,customer")
 
 
 def token_of(server: Server, creds: AppCredentials, scope: str = "api") -> str:
@@ -314,7 +307,7 @@ def test_malformed_customer_id_is_404(http: httpx.Client, owner_token: str, bad_
 @pytest.fixture(scope="module")
 def seven(api_env: Env, api_server: Server) -> tuple[str, list[str]]:
     """A fresh app's api token and its seven customers' ids, in creation order."""
-    creds = new_app(api_env, api_server, "--scopes", "api,customer")
+    creds = known_app(api_env, api_server, "--scopes", "api,customer")
     token = token_of(api_server, creds)
     with httpx.Client(base_url=api_server.url, timeout=10) as client:
         ids = [created_id(client, token, f"seven-{n}") for n in range(7)]
@@ -439,7 +432,7 @@ def disabled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server,
     env = Env(data_dir, {**RELAXED_THROTTLE, "LEANAUTH_CUSTOMERS_API": "false"})
     running = start_server(env)
     try:
-        creds = new_app(env, running, "--scopes", "api,customer")
+        creds = known_app(env, running, "--scopes", "api,customer")
         yield running, token_of(running, creds)
     finally:
         running.stop()

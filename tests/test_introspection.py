@@ -30,6 +30,7 @@ from conftest import (
     serving,
     start_server,
     wait_for,
+    wait_until_known,
 )
 from leanauth.bootstrap import open_runtime
 from leanauth.keys import KeyRing, b64url
@@ -93,10 +94,6 @@ def claims_of(token: str) -> dict[str, Any]:
     return dict(jwt.decode(token, options={"verify_signature": False}))
 
 
-def wait_known(server: Server, creds: AppCredentials) -> None:
-    wait_for(lambda: request_token(server, creds).status_code == 200)
-
-
 def assert_error(response: httpx.Response, status: int, error: str) -> None:
     assert response.status_code == status, response.text
     assert response.json()["error"] == error
@@ -117,14 +114,14 @@ def node(ienv: Env) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def owner(ienv: Env, node: Server) -> AppCredentials:
     created = create_app(ienv, "--name", "Owner app", "--scopes", "api,customer")
-    wait_known(node, created)
+    wait_until_known(node, created)
     return created
 
 
 @pytest.fixture(scope="module")
 def stranger(ienv: Env, node: Server) -> AppCredentials:
     created = create_app(ienv, "--name", "Another app", "--scopes", "api")
-    wait_known(node, created)
+    wait_until_known(node, created)
     return created
 
 
@@ -132,7 +129,7 @@ def stranger(ienv: Env, node: Server) -> AppCredentials:
 def resource_server(ienv: Env, node: Server) -> AppCredentials:
     created = create_app(ienv, "--name", "Resource server", "--scopes", "api", "--introspect")
     assert created.raw["introspect"] is True
-    wait_known(node, created)
+    wait_until_known(node, created)
     return created
 
 
@@ -452,7 +449,7 @@ def test_a_revocation_on_one_node_reaches_the_other_within_a_second(
     env, (node_a, node_b) = pg_nodes
     app = create_app(env, "--name", "Cluster app", "--scopes", "api")
     for server in (node_a, node_b):
-        wait_known(server, app)
+        wait_until_known(server, app)
     token = new_token(node_a, app)
     assert introspect(node_b, app, token)["active"] is True
     assert revoke(node_a, app, token).status_code == 200
@@ -502,7 +499,7 @@ def test_a_broken_database_makes_introspection_unavailable_never_inactive(
 ) -> None:
     env, server, break_database = fragile
     app = create_app(env, "--name", "Fragile app", "--scopes", "api")
-    wait_known(server, app)
+    wait_until_known(server, app)
     token = new_token(server, app)
     assert introspect(server, app, token)["active"] is True
 
