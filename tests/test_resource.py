@@ -31,8 +31,8 @@ from conftest import (
     wait_for,
     wait_until_known,
 )
-from leanauth.resource import BearerError, RequireToken, requires
-from leanauth.verify import TokenVerifier, VerifiedToken
+from leanauth.resource import BearerError, RequireToken, ServiceUnavailable, requires
+from leanauth.verify import Introspection, TokenVerifier, VerifiedToken
 
 API_AUDIENCE = "urn:leanauth:api"
 LINK_AUDIENCE = "urn:leanauth:link"
@@ -360,3 +360,99 @@ def test_require_token_refusals(server: Server, api_token: str) -> None:
 def test_require_token_any_class(server: Server, api_token: str) -> None:
     requirement = RequireToken(verifier_for(server, API_AUDIENCE), "any")
     assert call(requirement, http_request([f"Bearer {api_token}"])).scope == "api"
+
+
+# Outages: 503 with Retry-After, not 401 (a client refetches its token on 401)
+
+
+def guarded_app(verifier: TokenVerifier) -> Starlette:
+    """/accounts guarded by requires(), /dependency by RequireToken as FastAPI runs it."""
+    require_api = RequireToken(verifier, "api")
+
+    @requires(verifier, "api")
+    async def accounts(request: Request) -> Response:
+        return JSONResponse({"client_id": request.state.token.client_id})
+
+    async def dependency_style(request: Request) -> Response:
+        token = await require_api(request)
+        return JSONResponse({"client_id": token.client_id})
+
+    return Starlette(routes=[Route("/accounts", accounts), Route("/dependency", dependency_style)])
+
+
+@pytest.fixture(scope="module")
+def nowhere() -> str:
+    """A loopback address where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def jwks_outage_verifier(server: Server, nowhere: str) -> TokenVerifier:
+    return TokenVerifier(
+        issuer=server.url, audience=API_AUDIENCE, jwks_url=nowhere + "/oauth2/jwks"
+    )
+
+
+@pytest.fixture(scope="module")
+def jwks_outage(server: Server, nowhere: str) -> Iterator[str]:
+    with serve_in_thread(guarded_app(jwks_outage_verifier(server, nowhere))) as url:
+        yield url
+
+
+def get(url: str, token: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.get(url, headers=headers, timeout=10)
+
+
+def assert_unavailable(response: httpx.Response, max_retry_after: int) -> None:
+    assert response.status_code == 503, response.text
+    assert 1 <= int(response.headers["retry-after"]) <= max_retry_after
+    assert "www-authenticate" not in response.headers
+
+
+def test_a_jwks_outage_is_503_with_retry_after(
+    jwks_outage: str, api_token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = get(jwks_outage + "/accounts", api_token)
+    assert_unavailable(response, 30)  # the JWKS is fetched again within 30 s
+    assert response.json() == {
+        "error": "temporarily_unavailable",
+        "error_description": "The access token cannot be checked now; retry later.",
+    }
+    assert_unavailable(get(jwks_outage + "/dependency", api_token), 30)
+    assert "JWKS unavailable" in caplog.text
+    assert api_token not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/accounts", "/dependency"])
+def test_during_a_jwks_outage_the_rfc6750_answers_stand(
+    jwks_outage: str, api_token: str, path: str
+) -> None:
+    assert_refused(get(jwks_outage + path), 401, None)
+    for bad in ("x.y.z", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", api_token + "="):
+        assert get(jwks_outage + path, bad).status_code == 401
+    assert_refused(get(jwks_outage + "/accounts", "x.y.z"), 401, "invalid_token")
+
+
+def test_an_introspection_outage_is_503_with_retry_after(
+    server: Server, nowhere: str, api_token: str
+) -> None:
+    verifier = TokenVerifier(
+        issuer=server.url,
+        audience=API_AUDIENCE,
+        jwks_url=server.url + "/oauth2/jwks",
+        introspection=Introspection(nowhere + "/oauth2/introspect", "app_rs", "lsk_unused"),
+    )
+    with serve_in_thread(guarded_app(verifier)) as url:
+        assert_unavailable(get(url + "/accounts", api_token), 60)
+        assert_unavailable(get(url + "/dependency", api_token), 60)
+        assert_refused(get(url + "/accounts", "x.y.z"), 401, "invalid_token")
+
+
+def test_require_token_raises_503_on_an_outage(
+    server: Server, nowhere: str, api_token: str
+) -> None:
+    requirement = RequireToken(jwks_outage_verifier(server, nowhere), "api")
+    with pytest.raises(ServiceUnavailable) as caught:
+        call(requirement, http_request([f"Bearer {api_token}"]))
+    assert caught.value.status_code == 503
+    assert int((caught.value.headers or {})["Retry-After"]) >= 1

@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from conftest import AppCredentials, Server, request_token, wait_for
-from leanauth.verify import InvalidToken, TokenVerifier, VerifiedToken
+from leanauth.verify import (
+    MAX_TOKEN_LIFETIME,
+    InvalidToken,
+    TokenVerifier,
+    VerificationUnavailable,
+    VerifiedToken,
+)
 
 API_AUDIENCE = "urn:leanauth:api"
 LINK_AUDIENCE = "urn:leanauth:link"
@@ -721,6 +727,43 @@ def test_time_claims_that_are_not_numbers_are_refused(
     refused(own_verifier, own_key.token(**{claim: value}))
 
 
+@pytest.mark.parametrize(
+    ("iat", "exp"),
+    [(0, 86_400), (-86_000, 400), (-60, 86_340)],
+    ids=["from-now", "nearly-over", "a-minute-old"],
+)
+def test_the_longest_lifetime_the_server_issues_is_accepted(
+    own_key: Key, own_verifier: TokenVerifier, iat: int, exp: int
+) -> None:
+    now = int(time.time())
+    assert MAX_TOKEN_LIFETIME == 86_400
+    assert own_verifier.verify(own_key.token(iat=now + iat, nbf=now + iat, exp=now + exp))
+
+
+@pytest.mark.parametrize(
+    ("iat", "exp"),
+    [(0, 86_401), (-86_001, 400), (-60, 86_341), (0, 10 * 365 * 86_400)],
+    ids=["from-now", "nearly-over", "a-minute-old", "ten-years"],
+)
+def test_a_lifetime_beyond_the_servers_longest_is_refused(
+    own_key: Key, own_verifier: TokenVerifier, iat: int, exp: int
+) -> None:
+    # No leanauth server issues such a token: a forgery, or a broken server. What counts is
+    # exp - iat, whatever the time left.
+    now = int(time.time())
+    error = refused(own_verifier, own_key.token(iat=now + iat, nbf=now + iat, exp=now + exp))
+    assert "lifetime" in error.reason
+
+
+def test_max_lifetime_is_configurable(own_key: Key, own_jwks: JwksServer) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=API_AUDIENCE, jwks_url=own_jwks.jwks_url, max_lifetime=600
+    )
+    now = int(time.time())
+    assert verifier.verify(own_key.token(iat=now, exp=now + 600))
+    refused(verifier, own_key.token(iat=now, exp=now + 601))
+
+
 @pytest.mark.parametrize("claim", ["iss", "sub", "aud", "exp", "iat", "jti", "client_id", "scope"])
 @pytest.mark.parametrize("how", ["missing", "null"])
 def test_every_required_claim_is_required(
@@ -888,14 +931,17 @@ def test_a_key_added_to_the_jwks_is_found_after_the_refetch_interval(
 def test_a_failing_jwks_is_not_refetched_for_every_token(
     own_key: Key, own_jwks: JwksServer
 ) -> None:
-    # While the JWKS answers 500, every token is refused; but the refetch limit still holds,
-    # or each request to the resource server becomes a request to the authorization server.
+    # While the JWKS answers 500, no token can be checked (503, not 401: the token may be
+    # good); but the refetch limit still holds, or each request to the resource server
+    # becomes a request to the authorization server.
     own_jwks.status = 500
     verifier = TokenVerifier(
         issuer=ISSUER, audience=API_AUDIENCE, jwks_url=own_jwks.jwks_url, jwks_refetch_interval=30
     )
     for _ in range(20):
-        refused(verifier, own_key.token())
+        with pytest.raises(VerificationUnavailable) as caught:
+            verifier.verify(own_key.token())
+        assert 0 < caught.value.retry_after <= 30
     assert own_jwks.fetches <= 2
 
 
@@ -939,12 +985,17 @@ def test_unusable_jwks_entries_are_never_used(
     assert verifier.verify(own_key.token()).client_id == CLIENT_ID
 
 
-def test_unreachable_jwks_is_an_invalid_token(own_key: Key) -> None:
+def test_unreachable_jwks_is_unavailable_not_an_invalid_token(own_key: Key) -> None:
+    # An outage says nothing of the token: callers that answer 401 to InvalidToken must not
+    # answer 401 to this, or every client refetches its token at once.
     jwks = JwksServer([])
     url = jwks.jwks_url
     jwks.close()
     verifier = TokenVerifier(issuer=ISSUER, audience=API_AUDIENCE, jwks_url=url, timeout=2)
-    refused(verifier, own_key.token())
+    with pytest.raises(VerificationUnavailable) as caught:
+        verifier.verify(own_key.token())
+    assert not isinstance(caught.value, InvalidToken)
+    assert "unreachable" in caught.value.reason
 
 
 # averify agrees with verify
@@ -965,6 +1016,7 @@ ASYNC_SAMPLE: dict[str, Callable[[Key], Any]] = {
     "list-kid": lambda key: key.token(key.header(kid=["own-es256"])),
     "sub-mismatch": lambda key: key.token(sub="app_other"),
     "no-jti": lambda key: key.token(jti=MISSING),
+    "too-long": lambda key: key.token(exp=int(time.time()) + MAX_TOKEN_LIFETIME + 1),
     "garbage": lambda key: "🙂.🙂.🙂",
     "huge": lambda key: "A" * 1_000_000,
     "nested": lambda key: signed(key.header(), nested_arrays(2_500), key.private),

@@ -3,26 +3,47 @@ introspection and admin change — what happened, to which client, from where; n
 secret or a token.
 
 Request handlers only append to an in-memory queue; a background flush writes batches to
-the store and emits them as structured log lines (``LEANAUTH_AUDIT_LOG``). If the store is
-down the queue keeps what it can (bounded) and retries.
+the store and emits them as structured log lines (``LEANAUTH_AUDIT_LOG``). The trail must
+survive what attackers and outages do to it:
+
+- attacker-chosen text reaches it bounded and escaped (the endpoints see to that, and
+  :meth:`AuditTrail.record` caps any row at ``MAX_ROW_CHARS``);
+- the queue is bounded in bytes, not only in events: while the store is down it keeps what
+  fits and counts what it drops;
+- a record the database refuses (bad data) is isolated and dropped, alone: it never holds
+  back the records after it;
+- refusals (which anyone can cause) become at most ``MAX_REFUSAL_LINES`` log lines a flush;
+  the rest are counted in one line. Every record still goes to the database.
+
+Nothing is lost silently: dropped and refused records are counted (``dropped``,
+``rejected``) and logged at error level.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Literal
 
 import orjson
 
-from leanauth.store.base import Store
+from leanauth.safetext import MAX_FIELD, bounded
+from leanauth.store.base import RejectedRecords, Store
 from leanauth.store.models import AuditEvent
 
 log = logging.getLogger("leanauth.audit")
 
-MAX_QUEUED = 200_000
+# Memory the queue may hold per process by default (LEANAUTH_AUDIT_QUEUE_MB); what is counted
+# is an estimate: the characters plus the objects' overhead.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# What an event costs beyond its text: the tuple, the detail dict, the string headers.
+EVENT_OVERHEAD = 400
+MAX_ROW_CHARS = 2048
+MAX_DETAIL_ITEMS = 8
 MAX_BATCH = 5_000
+MAX_REFUSAL_LINES = 100
 # Outcomes worth a log line under LEANAUTH_AUDIT_LOG=failures: everything but routine success.
 ROUTINE_OUTCOMES = frozenset({"issued", "active", "inactive", "revoked", "not_revoked"})
 
@@ -33,12 +54,39 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _size(client_id: str | None, source: str | None, detail: dict[str, object] | None) -> int:
+    """Characters of an event's text (numbers count 8)."""
+    size = len(client_id or "") + len(source or "")
+    for name, value in (detail or {}).items():
+        size += len(name) + (len(value) if isinstance(value, str) else 8)
+    return size
+
+
+def _bounded_detail(detail: dict[str, object]) -> dict[str, object]:
+    items = list(detail.items())[:MAX_DETAIL_ITEMS]
+    return {
+        str(bounded(name)): bounded(value) if isinstance(value, str) else value
+        for name, value in items
+    }
+
+
 class AuditTrail:
-    def __init__(self, store: Store, log_mode: str) -> None:
+    def __init__(
+        self, store: Store, log_mode: str, max_queued_bytes: int = MAX_QUEUED_BYTES
+    ) -> None:
         self._store = store
         self._log_mode = log_mode
-        self._queue: deque[AuditEvent] = deque(maxlen=MAX_QUEUED)
-        self.dropped = 0
+        self._max_queued_bytes = max_queued_bytes
+        self._queue: deque[tuple[AuditEvent, int]] = deque()
+        self._queued_bytes = 0
+        self.dropped = 0  # records that did not fit in the queue
+        self.rejected = 0  # records the database refused
+        self._unreported = Counter[str]()
+        self._refusal_lines = 0  # refusal log lines in this flush
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     def record(
         self,
@@ -49,33 +97,99 @@ class AuditTrail:
         detail: dict[str, object] | None = None,
     ) -> None:
         """Queue one event (cheap: the hot path calls this)."""
-        if len(self._queue) == MAX_QUEUED:
+        size = _size(client_id, source, detail)
+        if size > MAX_ROW_CHARS or (detail is not None and len(detail) > MAX_DETAIL_ITEMS):
+            client_id, source = bounded(client_id), bounded(source)
+            detail = _bounded_detail(detail) if detail else detail
+            size = _size(client_id, source, detail)
+        size += EVENT_OVERHEAD
+        if self._queued_bytes + size > self._max_queued_bytes:
             self.dropped += 1
-        self._queue.append(AuditEvent(now_ms(), kind, outcome, client_id, source, detail))
+            self._unreported["dropped"] += 1
+            return
+        self._queued_bytes += size
+        self._queue.append((AuditEvent(now_ms(), kind, outcome, client_id, source, detail), size))
 
     def flush(self) -> int:
-        """Write queued events to the store and the log (blocking); the number written."""
+        """Write queued events to the store and the log (blocking); the number written.
+
+        A store that cannot be reached raises :class:`~leanauth.store.base.StoreError`
+        after putting back what it did not take, for the next flush."""
         written = 0
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            try:
-                self._store.add_audit_events(batch)
-            except Exception:
-                self._queue.extendleft(reversed(batch))
-                raise
-            self._log(batch)
-            written += len(batch)
-        if self.dropped:
-            log.error("audit queue overflowed: %d events were dropped", self.dropped)
-            self.dropped = 0
+        self._refusal_lines = 0
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                self._queued_bytes -= sum(size for _, size in batch)
+                written += self._write(batch)
+        finally:
+            self._report_losses()
         return written
 
-    def _log(self, events: list[AuditEvent]) -> None:
+    def _write(self, batch: list[tuple[AuditEvent, int]]) -> int:
+        """Write ``batch``; a refused part is split until the refused records stand alone,
+        and those are dropped. On any other failure what is unwritten goes back on the
+        queue, in order."""
+        written = 0
+        pending = [batch]
+        while pending:
+            part = pending.pop()
+            try:
+                self._store.add_audit_events([event for event, _ in part])
+            except RejectedRecords as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    pending += [part[middle:], part[:middle]]
+                    continue
+                self._reject(part[0][0], exc)
+                continue
+            except Exception:
+                unwritten = [item for chunk in reversed(pending) for item in chunk]
+                for item in reversed(part + unwritten):
+                    self._queue.appendleft(item)
+                    self._queued_bytes += item[1]
+                raise
+            self._log([event for event, _ in part])
+            written += len(part)
+        return written
+
+    def _reject(self, event: AuditEvent, error: RejectedRecords) -> None:
+        self.rejected += 1
+        self._unreported["rejected"] += 1
+        log.error(
+            "the database refused an audit record (%s %s of %s): %s; it is dropped",
+            event.kind,
+            event.outcome,
+            bounded(event.client_id) or "-",
+            bounded(str(error), MAX_FIELD),
+        )
+
+    def _report_losses(self) -> None:
+        if self._unreported["dropped"]:
+            log.error(
+                "audit queue full (%d MiB): %d records were dropped",
+                self._max_queued_bytes // (1024 * 1024),
+                self._unreported["dropped"],
+            )
+        if self._unreported["suppressed"]:
+            log.warning(
+                "%d more refusals were recorded but not logged (see `leanauth audit list`)",
+                self._unreported["suppressed"],
+            )
+        self._unreported.clear()
+
+    def _log(self, events: Sequence[AuditEvent]) -> None:
         if self._log_mode == "none":
             return
         for event in events:
-            if self._log_mode == "failures" and event.outcome in ROUTINE_OUTCOMES:
+            routine = event.outcome in ROUTINE_OUTCOMES
+            if self._log_mode == "failures" and routine:
                 continue
+            if event.kind != "admin" and not routine:
+                self._refusal_lines += 1
+                if self._refusal_lines > MAX_REFUSAL_LINES:
+                    self._unreported["suppressed"] += 1
+                    continue
             log.info("%s", orjson.dumps(audit_record(event)).decode())
 
 

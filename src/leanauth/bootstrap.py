@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +52,35 @@ def load_key_encryption_key(settings: Settings) -> bytes:
 
 
 def _create_key_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create the key file whole, or find another process's.
+
+    When several processes start at once, exactly one key must win and no process may read
+    a file still being written: the key is written and synced under a temporary name, then
+    linked into place (a link, unlike a rename, fails when the name exists).
+    """
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp creates the file with mode 0600.
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        # O_EXCL: when several processes start at once, exactly one creates the key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as handle:
-        handle.write(os.urandom(32).hex() + "\n")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(os.urandom(32).hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won: its key is read
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    _fsync_directory(folder)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a new name in ``folder`` survive a crash (the KEK opens every signing key)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 KEK_SETTING = "LEANAUTH_KEY_ENCRYPTION_KEY"

@@ -31,17 +31,23 @@ class CachedClient:
     app: App
     secret_hashes: tuple[bytes, ...]
     secret_ids: tuple[str, ...]
+    # Each secret's end (inf: none), checked on every authentication: a secret past its
+    # grace period stops working on time even when the store cannot be reached to reload.
+    secret_expiries: tuple[float, ...]
     # The earliest expiry among the secrets: past it the entry is rebuilt from the store.
     valid_until: float
 
 
 def _cached(credentials: Credentials) -> CachedClient:
-    expiries = [s.expires_at for s in credentials.secrets if s.expires_at is not None]
+    expiries = tuple(
+        float("inf") if s.expires_at is None else float(s.expires_at) for s in credentials.secrets
+    )
     return CachedClient(
         credentials.app,
         tuple(s.secret_hash for s in credentials.secrets),
         tuple(s.secret_id for s in credentials.secrets),
-        float(min(expiries)) if expiries else float("inf"),
+        expiries,
+        min(expiries, default=float("inf")),
     )
 
 
@@ -58,6 +64,10 @@ class RegistryCache:
         self._cipher = cipher
         self._refresh_interval = refresh_interval
         self._clients: dict[str, CachedClient] = {}
+        # The longest token lifetime any app has been given (None: the default); kept at the
+        # highest value seen until the next full load, so a token is never judged against a
+        # lifetime shorter than the one it was issued with.
+        self.longest_app_ttl = 0
         self._customers: OrderedDict[str, Customer] = OrderedDict()
         # Revoked token ids → their expiry; kept until then.
         self._revoked: dict[str, int] = {}
@@ -75,6 +85,9 @@ class RegistryCache:
         cursor = self._store.latest_change_id()
         now = int(time.time())
         self._clients = {c.app.client_id: _cached(c) for c in self._store.all_credentials(now)}
+        self.longest_app_ttl = max(
+            (c.app.token_ttl or 0 for c in self._clients.values()), default=0
+        )
         self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
         self._revoked = {r.jti: r.expires_at for r in self._store.list_revoked(now)}
         self._customers.clear()
@@ -119,6 +132,7 @@ class RegistryCache:
             self._clients.pop(client_id, None)
         else:
             self._clients[client_id] = _cached(credentials)
+            self.longest_app_ttl = max(self.longest_app_ttl, credentials.app.token_ttl or 0)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
@@ -167,6 +181,12 @@ class RegistryCache:
 
     def client(self, client_id: str) -> CachedClient | None:
         return self._clients.get(client_id)
+
+    def token_is_current(self, client_id: str, issued_at: float) -> bool:
+        """Whether a token of ``client_id`` issued at ``issued_at`` still counts: its app
+        exists and is enabled, and has not revoked its tokens since."""
+        client = self._clients.get(client_id)
+        return client is not None and client.app.token_is_current(issued_at)
 
     async def customer(self, customer_id: str) -> Customer | None:
         """A customer, from memory when seen before, else from the store (off the loop)."""

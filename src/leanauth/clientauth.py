@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 from leanauth.cache import CachedClient, RegistryCache
 from leanauth.credentials import SecretHasher
 from leanauth.errors import InvalidClient, InvalidRequest
+from leanauth.safetext import has_control_characters
 
 
 class PresentedCredentials(NamedTuple):
@@ -58,6 +59,8 @@ def _decode_basic(authorization: bytes) -> tuple[str, str]:
     client_id, client_secret = unquote_plus(client_id), unquote_plus(client_secret)
     if not client_id or not client_secret:
         raise InvalidClient(detail="malformed_credentials")
+    if has_control_characters(decoded) or has_control_characters(client_id + client_secret):
+        raise InvalidRequest("Client credentials must not contain control characters.")
     return client_id, client_secret
 
 
@@ -67,7 +70,7 @@ class Authenticated(NamedTuple):
 
 
 def authenticate(
-    credentials: PresentedCredentials, cache: RegistryCache, hasher: SecretHasher
+    credentials: PresentedCredentials, cache: RegistryCache, hasher: SecretHasher, now: float
 ) -> Authenticated:
     client = cache.client(credentials.client_id)
     hashes = client.secret_hashes if client is not None else ()
@@ -77,6 +80,8 @@ def authenticate(
         raise InvalidClient(detail="unknown_client")
     if matched is None:
         raise InvalidClient(detail="wrong_secret")
+    if client.secret_expiries[matched] <= now:
+        raise InvalidClient(detail="expired_secret")
     if not client.app.enabled:
         raise InvalidClient(detail="disabled_app")
     return Authenticated(client, client.secret_ids[matched])

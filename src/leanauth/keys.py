@@ -11,6 +11,11 @@ same rows, and a rotation is one insert that cannot be left half done::
 ``next``: published, signs nothing yet (verifiers' cached JWKS catch up during the
 pre-publication period); ``active``: signs new tokens; ``retired``: signs nothing, stays
 published until every token it signed has expired, plus clock-skew leeway.
+
+``revoked`` (a compromised key, ``leanauth keys revoke``) overrides all of these: the key
+leaves the JWKS and this server's own checks at once. A revoked key that had activated still
+marks where its predecessor retired, so revoking it never brings an older key back; one
+revoked before it activated never takes part in the schedule at all.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from leanauth.settings import MAX_TOKEN_TTL
 
-KeyState = Literal["next", "active", "retired", "expired"]
+KeyState = Literal["next", "active", "retired", "expired", "revoked"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
@@ -141,6 +146,11 @@ class StoredKey:
     public_jwk: dict[str, str]
     created_at: int
     activates_at: int
+    revoked_at: int | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
     def jwk(self) -> dict[str, str]:
         return {**self.public_jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
@@ -171,6 +181,8 @@ class KeyPhase:
     unpublished_at: int | None
 
     def state(self, now: int) -> KeyState:
+        if self.key.revoked:
+            return "revoked"
         if now < self.key.activates_at:
             return "next"
         if self.retires_at is None or now < self.retires_at:
@@ -180,12 +192,16 @@ class KeyPhase:
         return "expired"
 
     def published(self, now: int) -> bool:
-        return self.state(now) != "expired"
+        return self.state(now) not in ("expired", "revoked")
 
 
 def schedule(keys: Iterable[StoredKey]) -> list[KeyPhase]:
-    """Every key's phases, in activation order: a key retires when the next one activates."""
-    ordered = sorted(keys, key=lambda k: (k.activates_at, k.created_at, k.kid))
+    """Every key's phases, in activation order: a key retires when the next one activates.
+
+    A key revoked before it activated is left out. Of two keys activating at the same moment
+    (a revoked key and the key that replaced it), the revoked one comes first."""
+    scheduled = [k for k in keys if k.revoked_at is None or k.revoked_at >= k.activates_at]
+    ordered = sorted(scheduled, key=lambda k: (k.activates_at, k.created_at, not k.revoked, k.kid))
     phases = []
     for index, key in enumerate(ordered):
         successor = ordered[index + 1] if index + 1 < len(ordered) else None
@@ -241,7 +257,7 @@ class KeyRing:
         phases = schedule(keys)
         active = [p.key for p in phases if p.state(now) == "active"]
         if not active:
-            raise LookupError("no active signing key; run `leanauth keys rotate`")
+            raise LookupError("no usable signing key; run `leanauth keys rotate --immediately`")
         key = active[-1]
         self.signer = Signer(key.kid, key.alg, cipher.decrypt(key.kid, key.encrypted_private_key))
         # Newest first: verifiers that try keys in order find the signer's key soonest.

@@ -2,6 +2,10 @@
 
 Nothing secret is ever passed to a logger: no client secret, no token, no Authorization
 header. Errors carry an internal ``detail`` for the log and a public description for clients.
+
+Messages often quote request fields, which are attacker-chosen: both formats keep one record
+on one line and let no control character through (a newline would forge a record, an escape
+sequence would rewrite the terminal of whoever reads the log).
 """
 
 from __future__ import annotations
@@ -10,6 +14,32 @@ import logging
 import time
 
 import orjson
+
+from leanauth.safetext import escape, escape_lines
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class PlainFormatter(logging.Formatter):
+    """The plain line with its unprintable characters escaped. A traceback keeps its lines,
+    escaped and indented: an exception's message may quote a request too, and no line of it
+    may pass for a record of its own (every record starts at the line's first column)."""
+
+    def __init__(self) -> None:
+        super().__init__(PLAIN_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return escape(super().formatMessage(record))
+
+    def formatException(self, ei: logging._SysExcInfoType) -> str:  # noqa: N802
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in escape_lines(text).split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,15 +53,37 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        try:
+            line = orjson.dumps(entry).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate, which orjson refuses
+            line = orjson.dumps({k: _surrogates_escaped(v) for k, v in entry.items()}).decode()
+        return _json_unprintable_escaped(line)
+
+
+def _surrogates_escaped(value: object) -> object:
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
+def _json_unprintable_escaped(line: str) -> str:
+    """orjson escapes C0 controls but writes DEL, C1 controls (an 8-bit CSI), line separators
+    and bidirectional overrides as they are: give them ``\\uXXXX`` escapes too. Outside
+    strings a JSON line has only ASCII, so every such character is inside a string."""
+    if line.isprintable():  # the common case, checked in C
+        return line
+    return "".join(c if c.isprintable() else _json_escaped(c) for c in line)
+
+
+def _json_escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a UTF-16 surrogate pair, as JSON spells characters past the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

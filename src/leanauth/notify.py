@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -121,15 +122,26 @@ class RedisListener(RedisSubscriber):
 
 class RedisPublisher:
     """Publishes committed changes on Redis; a failure is logged, never raised (the
-    periodic poll still carries the change)."""
+    periodic poll still carries the change). The write that made the change waits for the
+    publish, so a Redis that is down or hangs is given half a second, then left alone for
+    a while: other nodes then learn of changes by polling."""
+
+    TIMEOUT = 0.5
+    RETRY_AFTER = 5.0
 
     def __init__(self, url: str) -> None:
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self._client = redis.Redis.from_url(
+            url, socket_connect_timeout=self.TIMEOUT, socket_timeout=self.TIMEOUT
+        )
+        self._down_until = 0.0
 
     def __call__(self, kind: str) -> None:
+        if time.monotonic() < self._down_until:
+            return
         try:
             self._client.publish(NOTIFY_CHANNEL, kind)
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + self.RETRY_AFTER
             log.warning("could not publish a change notification: %s", exc)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from leanauth.audit import audit_record, now_ms
 from leanauth.bootstrap import Runtime
 from leanauth.credentials import new_client_secret, new_secret_id
 from leanauth.keys import StoredKey, new_stored_key
+from leanauth.safetext import has_control_characters
 from leanauth.scopes import ScopeClass
 from leanauth.settings import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from leanauth.store.base import NotFound
@@ -86,6 +87,8 @@ def create_app(
     name = name.strip()
     if not name or len(name) > MAX_APP_NAME:
         raise ValueError(f"the app name must have 1 to {MAX_APP_NAME} characters")
+    if has_control_characters(name):
+        raise ValueError("the app name must not contain control characters")
     if token_ttl is not None and not MIN_TOKEN_TTL <= token_ttl <= MAX_TOKEN_TTL:
         raise ValueError(f"the token lifetime must be {MIN_TOKEN_TTL} to {MAX_TOKEN_TTL} seconds")
     if not scopes:
@@ -126,8 +129,21 @@ def revoke_secret(runtime: Runtime, client_id: str, secret_id: str) -> None:
 
 
 def set_enabled(runtime: Runtime, client_id: str, enabled: bool) -> App:
+    """Enable or disable an app. A disabled app gets no token, and the tokens it holds are
+    refused by this server's own checks (Customers API, introspection) until it is enabled."""
     app = runtime.store.set_app_enabled(client_id, enabled)
     _audit(runtime, "app.enable" if enabled else "app.disable", client_id)
+    return app
+
+
+def revoke_app_tokens(runtime: Runtime, client_id: str) -> App:
+    """End every token the app holds now: one not-before time for the app, not a row per
+    token. The moment is the next whole second, since ``iat`` counts whole seconds: a token
+    issued in the current second may predate the revocation. Tokens the app asks for during
+    the rest of this second are issued from that moment (the token endpoint waits for it)."""
+    not_before = int(time.time()) + 1
+    app = runtime.store.update_app(client_id, tokens_not_before=not_before)
+    _audit(runtime, "app.revoke_tokens", client_id, not_before=not_before)
     return app
 
 
@@ -154,6 +170,8 @@ def require_app(runtime: Runtime, client_id: str) -> App:
 def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Customer:
     if not 1 <= len(app_user_id) <= MAX_APP_USER_ID:
         raise ValueError(f"app_user_id must have 1 to {MAX_APP_USER_ID} characters")
+    if has_control_characters(app_user_id):
+        raise ValueError("app_user_id must not contain control characters")
     require_app(runtime, client_id)
     customer_id, created_ms = time_ordered_uuid()
     customer = Customer(str(customer_id), client_id, app_user_id, created_ms // 1000)
@@ -175,6 +193,26 @@ def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = Fal
     assert key is not None
     _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
     return key
+
+
+def revoke_key(runtime: Runtime, kid: str) -> tuple[StoredKey, StoredKey | None]:
+    """Revoke a compromised key: it leaves the JWKS and this server refuses its tokens (on
+    every node as soon as it hears of the change). If it was signing, a new key of the same
+    algorithm signs from now on; returns it as the second value."""
+    now = int(time.time())
+    key = next((k for k in runtime.store.list_keys() if k.kid == kid), None)
+    if key is None:
+        raise NotFound(f"no signing key {kid}")
+    replacement = new_stored_key(key.alg, runtime.cipher, now)
+    revoked, signer = runtime.store.revoke_key(kid, now, replacement)
+    _audit(
+        runtime,
+        "key.revoke",
+        None,
+        kid=kid,
+        replaced_by=signer.kid if signer is not None else None,
+    )
+    return revoked, signer
 
 
 def _activation_margin(runtime: Runtime) -> int:

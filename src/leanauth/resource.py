@@ -15,12 +15,15 @@ Starlette, as a decorator (the token is put on ``request.state.token``)::
 Answers per RFC 6750 §3: no token → 401 with a bare ``WWW-Authenticate: Bearer`` challenge;
 a bad token → 401 ``invalid_token``; a good token of the wrong class, or a customer token for
 another customer → 403 ``insufficient_scope``; a malformed Authorization header → 400
-``invalid_request``.
+``invalid_request``. A token that cannot be checked now (the JWKS or the introspection
+endpoint is down: :class:`~leanauth.verify.VerificationUnavailable`) → 503 with
+``Retry-After``: a 401 would send clients for new tokens, adding load to the outage.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -28,12 +31,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from leanauth.verify import InvalidToken, TokenVerifier, VerifiedToken
+from leanauth.verify import InvalidToken, TokenVerifier, VerificationUnavailable, VerifiedToken
 
-__all__ = ["BearerError", "RequireToken", "bearer_token", "requires"]
+__all__ = ["BearerError", "RequireToken", "ServiceUnavailable", "bearer_token", "requires"]
 
 TokenClass = Literal["api", "customer", "any"]
 REALM = "leanauth"
+logger = logging.getLogger(__name__)
 
 
 class BearerError(HTTPException):
@@ -55,6 +59,21 @@ class BearerError(HTTPException):
         body = {"error_description": self.detail}
         if self.error is not None:
             body = {"error": self.error, **body}
+        return JSONResponse(body, self.status_code, headers=self.headers)
+
+
+class ServiceUnavailable(HTTPException):
+    """503: the token cannot be checked now; ``Retry-After`` says when to try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            503,
+            "The access token cannot be checked now; retry later.",
+            headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"},
+        )
+
+    def response(self) -> Response:
+        body = {"error": "temporarily_unavailable", "error_description": self.detail}
         return JSONResponse(body, self.status_code, headers=self.headers)
 
 
@@ -94,6 +113,9 @@ class RequireToken:
             token = await self._verifier.averify(bearer_token(request))
         except InvalidToken:
             raise BearerError(401, "invalid_token", "The access token is invalid.") from None
+        except VerificationUnavailable as exc:
+            logger.warning("cannot verify access tokens: %s", exc.reason)
+            raise ServiceUnavailable(exc.retry_after) from None
         if self._class not in ("any", token.scope_class):
             wanted = "api" if self._class == "api" else "customer.<customer_id>"
             raise BearerError(
@@ -125,7 +147,7 @@ def requires(
         async def guarded(request: Request) -> Response:
             try:
                 request.state.token = await requirement(request)
-            except BearerError as refusal:
+            except (BearerError, ServiceUnavailable) as refusal:
                 return refusal.response()
             return await endpoint(request)
 

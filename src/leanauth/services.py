@@ -52,7 +52,9 @@ class Services:
             issuer=TokenIssuer(settings),
             throttle=FailureThrottle(settings),
             usage=UsageCounter(runtime.store),
-            audit=AuditTrail(runtime.store, settings.audit_log),
+            audit=AuditTrail(
+                runtime.store, settings.audit_log, settings.audit_queue_mb * 1024 * 1024
+            ),
             source_address=SourceAddress(settings.trusted_proxies),
         )
 

@@ -45,7 +45,7 @@ class Secret:
 class Settings:
     # LEANAUTH_DATABASE_URL: SQLAlchemy URL of the registry. Default: an SQLite file
     # ``var/leanauth.db`` under the working directory.
-    database_url: str = "sqlite:///var/leanauth.db"
+    database_url: str = field(default="sqlite:///var/leanauth.db", repr=False)
     # LEANAUTH_DB_POOL_SIZE / LEANAUTH_DB_CONNECT_TIMEOUT / LEANAUTH_DB_STATEMENT_TIMEOUT:
     # PostgreSQL connections per process, and seconds to wait for a connection or a statement.
     db_pool_size: int = 5
@@ -53,7 +53,7 @@ class Settings:
     db_statement_timeout: float = 5.0
     # LEANAUTH_REDIS_URL: optional Redis (redis://host:port/db) for cluster-wide fast state and
     # change notifications; without it each node keeps that state in process.
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     # LEANAUTH_HOST / LEANAUTH_PORT: where ``leanauth serve`` listens.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -97,9 +97,15 @@ class Settings:
     # successful refresh before introspection answers 503 rather than risk a wrong answer;
     # at least twice LEANAUTH_REFRESH_INTERVAL (a healthy node refreshes that often).
     introspection_max_staleness: float = 10.0
+    # LEANAUTH_MAX_REVOCATIONS_PER_APP: live revocations (RFC 7009) one app may hold; every
+    # node keeps them in memory until the revoked tokens expire.
+    max_revocations_per_app: int = 10_000
     # LEANAUTH_AUDIT_LOG: also emit every audit record as a log line (they always go to the
     # database); "all", "failures" (failed authentications and admin changes) or "none".
     audit_log: str = "failures"
+    # LEANAUTH_AUDIT_QUEUE_MB: memory each process may fill with audit records waiting for
+    # the database (during an outage); past it new records are dropped, counted and logged.
+    audit_queue_mb: int = 64
     # LEANAUTH_AUDIT_RETENTION_DAYS: audit records older than this are deleted (hourly).
     audit_retention_days: int = 90
     # LEANAUTH_CUSTOMERS_API: serve the Customers API (/customers/v1/) on this server.
@@ -169,7 +175,11 @@ class Settings:
             introspection_max_staleness=reader.number(
                 "INTROSPECTION_MAX_STALENESS", cls.introspection_max_staleness, 1, 3600
             ),
+            max_revocations_per_app=reader.integer(
+                "MAX_REVOCATIONS_PER_APP", cls.max_revocations_per_app, 1, 10_000_000
+            ),
             audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
+            audit_queue_mb=reader.integer("AUDIT_QUEUE_MB", cls.audit_queue_mb, 1, 16_384),
             customers_api=reader.boolean("CUSTOMERS_API", cls.customers_api),
             audit_retention_days=reader.integer(
                 "AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36_500

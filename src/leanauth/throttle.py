@@ -1,28 +1,39 @@
 """Brute-force defence for client authentication (RFC 6749 §2.3.1: the authorization server
 MUST protect against brute-force attacks on client credentials).
 
-Failed authentications are counted per (client id, source address) and per source address
-with the ``limits`` library: in process on one node, in Redis when ``LEANAUTH_REDIS_URL`` is
-set. Past a limit that pair (or that address) gets 429 with ``Retry-After`` until the window
-ends. The real app is not locked out by someone hammering its client id from elsewhere: its
-own addresses form other pairs.
+Only failures are counted, and only failures are refused: the secret is checked first (it
+costs microseconds, and secrets carry 256 bits), so **correct credentials are never refused
+by the throttle**. Someone failing against a known client id — from anywhere, even from
+behind the same load balancer as the real app — earns 429s for their own failures and
+takes nothing from the app.
 
-Only failures touch the counters. Blocks are held in memory and, with Redis, announced to
-every node on a pub/sub channel, so checking a request costs a dictionary lookup.
+Failures are counted per (client id, source) and per source, where the source is the
+request's address (IPv4-mapped IPv6 addresses as IPv4; IPv6 addresses per /64, the block a
+single host is usually given). Past a limit, further failures from that pair or source get
+429 with ``Retry-After`` until the window ends.
+
+Counting is always done in process, so the limit holds with or without Redis. With Redis
+(``LEANAUTH_REDIS_URL``) failures are also counted cluster-wide, by a background thread: a
+request never waits on Redis, and a Redis that is down or hangs costs the cluster-wide count
+for a while, never a worker's time. A block the cluster count imposes is announced to every
+node over pub/sub.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
+import queue
+import threading
 import time
 from typing import Any
 
 import limits
 import orjson
 import redis
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from leanauth.errors import TooManyRequests
@@ -34,115 +45,222 @@ log = logging.getLogger("leanauth.throttle")
 BLOCKS_CHANNEL = "leanauth_auth_blocks"
 # A client id is attacker-chosen text: bound what is kept of it.
 MAX_CLIENT_ID = 64
+# Redis is asked with short timeouts; after a failure it is left alone for a while.
+REDIS_TIMEOUT = 0.5
+REDIS_RETRY_AFTER = 5.0
+# Failures waiting to be counted in Redis; past this they are counted locally only.
+MAX_PENDING = 10_000
+# Expired blocks are swept at most this often.
+SWEEP_INTERVAL = 1.0
 
 BlockKey = tuple[str, ...]
+# One failure's counts: each key with the limit it counts against.
+Hits = tuple[tuple[BlockKey, limits.RateLimitItem], ...]
 
 
 class FailureThrottle:
     def __init__(self, settings: Settings) -> None:
-        self._redis_url = settings.redis_url
-        uri = settings.redis_url or "memory://"
-        self._limiter = FixedWindowRateLimiter(storage_from_string(uri))
+        self._local = FixedWindowRateLimiter(MemoryStorage())
         self._pair_limit = limits.parse(settings.auth_failure_limit)
         self._address_limit = limits.parse(settings.auth_failure_address_limit)
         self._blocked: dict[BlockKey, float] = {}
-        self._publisher: redis.Redis | None = None
-        self._subscriber: RedisSubscriber | None = None
-
-    @property
-    def shared(self) -> bool:
-        """True when the counters live in Redis (recording a failure does network I/O)."""
-        return self._redis_url is not None
+        self._lock = threading.Lock()
+        self._swept_at = 0.0
+        self._shared = SharedCounter(settings.redis_url, self) if settings.redis_url else None
 
     def start(self) -> None:
-        if self._redis_url:
-            self._publisher = redis.Redis.from_url(self._redis_url, socket_timeout=2)
-            self._subscriber = RedisSubscriber(self._redis_url, BLOCKS_CHANNEL, self._on_block)
-            self._subscriber.start(lambda: None)
+        if self._shared is not None:
+            self._shared.start()
 
     def stop(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.stop()
-        if self._publisher is not None:
-            self._publisher.close()
+        if self._shared is not None:
+            self._shared.stop()
 
-    def check(self, client_id: str | None, address: str, now: float) -> None:
-        """Raise :class:`TooManyRequests` if this address, or this pair, is blocked."""
-        if not self._blocked:
-            return
-        for key in (("address", address), ("pair", _bounded(client_id), address)):
-            until = self._blocked.get(key)
-            if until is not None and until > now:
-                raise TooManyRequests(
-                    "Too many failed authentications; retry later.",
-                    retry_after=math.ceil(until - now),
+    def refuse(self, client_id: str | None, address: str, now: float) -> TooManyRequests | None:
+        """Count one failed authentication. Returns the 429 to answer instead of 401 when
+        this pair or source has used up its allowance (the failure that uses it up included:
+        with "5 per minute" the sixth failure is refused), else None."""
+        source = throttle_source(address)
+        limits_hit: list[tuple[BlockKey, limits.RateLimitItem]] = [
+            (("address", source), self._address_limit)
+        ]
+        if client_id:
+            # Without a client id (no credentials, or undecodable ones) only the source counts.
+            limits_hit.append((("pair", client_id[:MAX_CLIENT_ID], source), self._pair_limit))
+        keys = tuple(key for key, _ in limits_hit)
+        until = self._blocked_until(keys, now)
+        if until is None:
+            for key, limit in limits_hit:
+                if not self._local.hit(limit, *key):
+                    self.block(key, self._local.get_window_stats(limit, *key).reset_time)
+            if self._shared is not None:
+                self._shared.count(tuple(limits_hit))
+            until = self._blocked_until(keys, now)
+        if until is None:
+            return None
+        return TooManyRequests(
+            "Too many failed authentications; retry later.", retry_after=math.ceil(until - now)
+        )
+
+    def _blocked_until(self, keys: tuple[BlockKey, ...], now: float) -> float | None:
+        ends = [until for key in keys if (until := self._blocked.get(key, 0.0)) > now]
+        return max(ends) if ends else None
+
+    def block(self, key: BlockKey, until: float) -> bool:
+        """Refuse failures of ``key`` until ``until``; False when it was blocked as long."""
+        now = time.time()
+        with self._lock:
+            if self._blocked.get(key, 0.0) >= until:
+                return False
+            if now - self._swept_at > SWEEP_INTERVAL:
+                self._blocked = {k: t for k, t in self._blocked.items() if t > now}
+                self._swept_at = now
+            self._blocked[key] = until
+        log.warning("failed authentications blocked for %s until %d", "/".join(key), until)
+        return True
+
+
+class SharedCounter:
+    """Counts failures in Redis from a background thread, and shares blocks between nodes."""
+
+    def __init__(self, url: str, throttle: FailureThrottle) -> None:
+        self._url = url
+        self._throttle = throttle
+        options: dict[str, Any] = {
+            "socket_timeout": REDIS_TIMEOUT,
+            "socket_connect_timeout": REDIS_TIMEOUT,
+        }
+        self._limiter = FixedWindowRateLimiter(storage_from_string(url, **options))
+        self._publisher = redis.Redis.from_url(url, **options)
+        self._subscriber = RedisSubscriber(url, BLOCKS_CHANNEL, self._on_block)
+        self._pending: queue.Queue[Hits | None] = queue.Queue(MAX_PENDING)
+        self._down_until = 0.0
+        self.skipped = 0  # failures counted locally only (Redis down or the queue full)
+        self._thread = threading.Thread(target=self._run, name="leanauth-throttle", daemon=True)
+
+    def start(self) -> None:
+        self._subscriber.start(lambda: None)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._subscriber.stop()
+        with contextlib.suppress(queue.Full):
+            self._pending.put_nowait(None)
+        self._thread.join(timeout=2)
+        self._publisher.close()
+
+    def count(self, hits: Hits) -> None:
+        """Queue one failure's hits (never blocks the request)."""
+        try:
+            self._pending.put_nowait(hits)
+        except queue.Full:
+            self.skipped += 1
+
+    def _run(self) -> None:
+        while (hits := self._pending.get()) is not None:
+            if time.monotonic() < self._down_until:
+                self.skipped += 1
+                continue
+            try:
+                self._hit(hits)
+            except (redis.RedisError, limits.errors.StorageError, OSError) as exc:
+                self._down_until = time.monotonic() + REDIS_RETRY_AFTER
+                log.warning(
+                    "Redis unusable for failure counts (%s); counting in process only for %.0fs",
+                    type(exc).__name__,
+                    REDIS_RETRY_AFTER,
                 )
 
-    def record_failure(self, client_id: str | None, address: str) -> None:
-        """Count one failed authentication (blocking when the counters are in Redis).
-
-        The failure that uses up the allowance blocks at once: with "5 per minute" the sixth
-        attempt is refused. A counter store that cannot be reached costs the count, never the
-        answer to the client.
-        """
-        pair = ("pair", _bounded(client_id), address)
-        for key, limit in ((pair, self._pair_limit), (("address", address), self._address_limit)):
-            try:
-                self._limiter.hit(limit, *key)
-                stats = self._limiter.get_window_stats(limit, *key)
-            except Exception as exc:
-                log.warning("could not count a failed authentication: %s", exc)
-                return
-            if stats.remaining <= 0:
-                self._block(key, stats.reset_time, announce=True)
-
-    def _block(self, key: BlockKey, until: float, announce: bool) -> None:
-        now = time.time()
-        if self._blocked.get(key, 0) >= until:
-            return
-        for stale in [k for k, t in self._blocked.items() if t <= now]:
-            del self._blocked[stale]
-        self._blocked[key] = until
-        log.warning("authentication blocked for %s until %d", "/".join(key), until)
-        if announce and self._publisher is not None:
-            try:
-                self._publisher.publish(BLOCKS_CHANNEL, orjson.dumps([list(key), until]))
-            except redis.RedisError as exc:
-                log.warning("could not announce a block: %s", exc)
+    def _hit(self, hits: Hits) -> None:
+        for key, limit in hits:
+            if self._limiter.hit(limit, *key):
+                continue
+            # The cluster's count is spent: every node hears of it (this one may have
+            # blocked already on its own count, the others have not).
+            until = self._limiter.get_window_stats(limit, *key).reset_time
+            self._throttle.block(key, until)
+            self._publisher.publish(BLOCKS_CHANNEL, orjson.dumps([list(key), until]))
 
     def _on_block(self, payload: bytes) -> None:
         try:
             key, until = orjson.loads(payload)
-            self._block(tuple(str(part) for part in key), float(until), announce=False)
+            self._throttle.block(tuple(str(part) for part in key), float(until))
         except (ValueError, TypeError):
             log.warning("ignored a malformed block announcement")
 
 
-def _bounded(client_id: str | None) -> str:
-    return (client_id or "")[:MAX_CLIENT_ID]
+def throttle_source(address: str) -> str:
+    """The unit failures are counted by: the address, or its /64 for IPv6."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address[:64]
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def normalised(address: str) -> str:
+    """``address`` in one spelling: IPv4-mapped IPv6 (``::ffff:10.0.0.1``, what a server
+    listening on ``::`` sees for IPv4 clients) as plain IPv4."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def _forwarded_hop(hop: str) -> str | None:
+    """One X-Forwarded-For entry as an address (brackets and a port allowed), else None."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1 : hop.find("]")] if "]" in hop else ""
+    elif hop.count(":") == 1:
+        hop = hop.split(":", 1)[0]
+    try:
+        return normalised(str(ipaddress.ip_address(hop)))
+    except ValueError:
+        return None
 
 
 class SourceAddress:
-    """The request's source: the peer, or, from trusted proxies only, X-Forwarded-For."""
+    """The request's source: the peer, or, from trusted proxies only, X-Forwarded-For.
+
+    Behind a load balancer or proxy every request comes from the proxy's address:
+    ``LEANAUTH_TRUSTED_PROXIES`` must name it, or every client counts as the proxy."""
 
     def __init__(self, trusted_proxies: tuple[str, ...]) -> None:
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        # Peers are few (the proxies and the real clients): remember each answer.
+        self._verdicts: dict[str, bool] = {}
 
     def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self._trusted)
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                verdict = False
+            else:
+                verdict = any(ip in network for network in self._trusted)
+            if len(self._verdicts) > 4096:
+                self._verdicts.clear()
+            self._verdicts[address] = verdict
+        return verdict
 
     def __call__(self, scope: dict[str, Any], forwarded_for: bytes | None) -> str:
         client = scope.get("client")
-        peer = str(client[0]) if client else "unknown"
+        peer = normalised(str(client[0])) if client else "unknown"
         if not self._trusted or forwarded_for is None or not self._is_trusted(peer):
             return peer
         # Walk from the nearest hop back: the first address not a trusted proxy is the client.
-        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
-        for hop in reversed(hops):
+        # An entry that is not an address ends the walk at the proxy that passed it on.
+        nearest = peer
+        for raw in reversed(forwarded_for.decode("latin-1").split(",")):
+            if not raw.strip():
+                continue
+            hop = _forwarded_hop(raw)
+            if hop is None:
+                return nearest
             if not self._is_trusted(hop):
-                return hop[:64]
-        return peer
+                return hop
+            nearest = hop
+        return nearest

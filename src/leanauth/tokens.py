@@ -46,6 +46,11 @@ class TokenIssuer:
         self._pool_offset += JTI_BYTES
         return b64url(self._pool[start : start + JTI_BYTES])
 
+    @property
+    def longest_default_lifetime(self) -> int:
+        """The longest lifetime of a token of an app without a lifetime of its own."""
+        return max(self._default_ttl, MIN_CUSTOMER_TOKEN_TTL)
+
     def lifetime(self, app_ttl: int | None, scope: RequestedScope) -> int:
         ttl = app_ttl or self._default_ttl
         if scope.scope_class == "customer":

@@ -15,33 +15,67 @@ The secure choice is the only one:
   verify (a public key can never be used as an HMAC secret);
 - ``typ`` must be ``at+jwt``; ``iss`` must equal the issuer exactly; ``aud`` must be a single
   string equal to our audience; ``exp``, ``nbf`` and ``iat`` are checked with a small
-  leeway; every RFC 9068 claim is required; a ``crit`` header is refused (no extension is
-  understood); ``jku``, ``x5u``, ``jwk`` and ``x5c`` are never followed;
+  leeway; ``exp - iat`` may not exceed the longest lifetime the server issues; every
+  RFC 9068 claim is required; a ``crit`` header is refused (no extension is understood);
+  ``jku``, ``x5u``, ``jwk`` and ``x5c`` are never followed;
 - an unknown ``kid`` refetches the JWKS at most once per ``jwks_refetch_interval`` seconds;
-- input size is bounded before any parsing, so huge or deeply nested tokens cost little.
+- input size is bounded before any parsing, so huge or deeply nested tokens cost little;
+  so is every answer fetched (its bytes, and its time: ``timeout`` for the whole fetch).
+
+Offline verification cannot see a revocation: a revoked token verifies until it expires.
+``introspection=Introspection(...)`` opts in to asking the server (RFC 7662), with a short
+cache. A JWKS or introspection endpoint that cannot answer is no verdict on the token: it
+raises :class:`VerificationUnavailable` (answer 503), never :class:`InvalidToken` (401).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import math
 import re
+import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote_plus
 
 import httpx
 import jwt
 
-__all__ = ["InvalidToken", "TokenVerifier", "VerifiedToken"]
+__all__ = [
+    "Introspection",
+    "InvalidToken",
+    "TokenVerifier",
+    "VerificationUnavailable",
+    "VerifiedToken",
+]
 
 ALLOWED_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "jti", "client_id", "scope"]
 ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_JWKS_BYTES = 64 * 1024
+MAX_INTROSPECTION_BYTES = 64 * 1024
 MAX_KID_LENGTH = 128
+# The longest lifetime a leanauth server gives a token (leanauth.settings.MAX_TOKEN_TTL, not
+# imported: resource servers need not load the server's settings). A token that claims to
+# live longer was not issued by a leanauth server, or was issued by a broken one.
+MAX_TOKEN_LIFETIME = 86_400
+# How long past jwks_max_age a key set may still be used while its refresh fails, so that a
+# JWKS outage does not take every resource server down at the same moment.
+JWKS_STALE_IF_ERROR = 3600.0
+INTROSPECTION_CACHE_SIZE = 10_000
+# Retry-After for an introspection outage (a JWKS outage says when the next fetch is due).
+INTROSPECTION_RETRY_AFTER = 5
+# Threads that run sync fetches, so that a caller can stop waiting at the deadline.
+FETCH_WORKERS = 16
+INTERRUPTED = "the last fetch of the JWKS was interrupted"
 CUSTOMER_PREFIX = "customer."
 COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -49,6 +83,26 @@ CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0
 
 class InvalidToken(Exception):
     """The token is not acceptable; ``reason`` says why (for logs, not for clients)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class VerificationUnavailable(Exception):
+    """The token cannot be checked now: the JWKS or the introspection endpoint is unreachable,
+    too slow, failing, answers garbage or refuses our credentials. No verdict on the token, so
+    not an :class:`InvalidToken`: answer 503 with ``Retry-After: retry_after``, never 401 (a
+    client fetches a new token on 401, adding load to the outage). ``reason`` is for logs."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _FetchFailed(Exception):
+    """A JWKS or introspection fetch gave no usable answer; ``reason`` says why."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -72,12 +126,68 @@ class VerifiedToken:
 
 
 @dataclass(frozen=True)
+class Introspection:
+    """The opt-in revocation check: once the offline checks pass, the verifier asks the
+    introspection endpoint (RFC 7662) whether the token is still active, as the app
+    ``client_id``. Create that app with ``leanauth apps create --introspect``: any other app
+    is told nothing of tokens not its own, so every such token would look inactive.
+
+    Answers are cached per ``jti``: an active one for ``cache_seconds`` (a revocation takes
+    effect within that), an inactive one until the token expires; at most ``cache_size``
+    answers, the oldest out."""
+
+    url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    cache_seconds: float = 10.0
+    cache_size: int = INTROSPECTION_CACHE_SIZE
+
+    def __post_init__(self) -> None:
+        if self.cache_seconds < 0 or self.cache_size < 1:
+            raise ValueError("cache_seconds must be >= 0 and cache_size >= 1")
+
+
+@dataclass(frozen=True)
 class _KeySet:
     keys: dict[str, tuple[str, Any]]  # kid → (alg, public key)
     fetched_at: float
 
 
+class _Answers:
+    """Introspection answers by jti, each good until a wall-clock time; the oldest go first
+    when there are more than ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, jti: str) -> bool | None:
+        with self._lock:
+            entry = self._entries.get(jti)
+            if entry is None:
+                return None
+            active, until = entry
+            if until <= time.time():
+                del self._entries[jti]
+                return None
+            return active
+
+    def put(self, jti: str, active: bool, until: float) -> None:
+        with self._lock:
+            self._entries.pop(jti, None)
+            self._entries[jti] = (active, until)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
 class TokenVerifier:
+    """``verify`` and ``averify`` return the checked token, raise :class:`InvalidToken` for a
+    token to refuse (401), and :class:`VerificationUnavailable` when it cannot be checked now
+    (503). ``timeout`` bounds each fetch as a whole: connect, headers and body. A key set
+    older than ``jwks_max_age`` is refreshed; while that fails, it still serves for
+    ``jwks_stale_if_error`` seconds more. ``max_lifetime`` caps ``exp - iat``."""
+
     def __init__(
         self,
         *,
@@ -86,42 +196,61 @@ class TokenVerifier:
         jwks_url: str,
         algorithms: Sequence[str] = ALLOWED_ALGORITHMS,
         leeway: float = 30.0,
+        max_lifetime: float = MAX_TOKEN_LIFETIME,
         jwks_max_age: float = 300.0,
         jwks_refetch_interval: float = 30.0,
+        jwks_stale_if_error: float = JWKS_STALE_IF_ERROR,
         timeout: float = 5.0,
+        introspection: Introspection | None = None,
     ) -> None:
         unknown = set(algorithms) - set(ALLOWED_ALGORITHMS)
         if unknown or not algorithms:
             raise ValueError(f"algorithms must be among {ALLOWED_ALGORITHMS}")
+        if max_lifetime <= 0 or jwks_stale_if_error < 0 or timeout <= 0:
+            raise ValueError("max_lifetime and timeout must be > 0, jwks_stale_if_error >= 0")
         self.issuer = issuer
         self.audience = audience
         self.jwks_url = jwks_url
         self._algorithms = frozenset(algorithms)
         self._leeway = leeway
+        self._max_lifetime = max_lifetime
         self._max_age = jwks_max_age
         self._refetch_interval = jwks_refetch_interval
+        self._stale_if_error = jwks_stale_if_error
         self._timeout = timeout
+        self._introspection = introspection
+        self._answers = _Answers(introspection.cache_size if introspection else 1)
         self._keys = _KeySet({}, float("-inf"))
         self._last_fetch_attempt = float("-inf")
+        self._fetch_error: str | None = None  # why the last JWKS fetch failed, if it did
         self._lock = threading.Lock()
         self._async_lock: asyncio.Lock | None = None
+        self._workers = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="leanauth-verify")
+        self._tls: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
 
     # Public API
 
     def verify(self, token: str) -> VerifiedToken:
         header = self._header(token)
-        key = self._key_for(header, self._refresh_sync)
-        return self._check(token, header, key)
+        key = self._fresh_key(header["kid"])
+        if key is None:
+            key = self._key_after_refresh(header["kid"], self._refresh_sync(header["kid"]))
+        verified = self._check(token, header, key)
+        if self._introspection is not None:
+            self._require_active_sync(self._introspection, token, verified)
+        return verified
 
     async def averify(self, token: str) -> VerifiedToken:
         header = self._header(token)
-        key = self._keys.keys.get(header["kid"]) if not self._stale() else None
+        key = self._fresh_key(header["kid"])
         if key is None:
-            await self._refresh_async(header["kid"])
-            key = self._keys.keys.get(header["kid"])
-        if key is None:
-            raise InvalidToken("unknown kid")
-        return self._check(token, header, key)
+            failure = await self._refresh_async(header["kid"])
+            key = self._key_after_refresh(header["kid"], failure)
+        verified = self._check(token, header, key)
+        if self._introspection is not None:
+            await self._require_active_async(self._introspection, token, verified)
+        return verified
 
     # Steps
 
@@ -148,17 +277,34 @@ class TokenVerifier:
             raise InvalidToken("algorithm not allowed")
         return header
 
-    def _stale(self) -> bool:
-        return time.monotonic() - self._keys.fetched_at > self._max_age
+    def _age(self) -> float:
+        return time.monotonic() - self._keys.fetched_at
 
-    def _key_for(self, header: dict[str, Any], refresh: Any) -> tuple[str, Any]:
-        key = self._keys.keys.get(header["kid"]) if not self._stale() else None
-        if key is None:
-            refresh(header["kid"])
-            key = self._keys.keys.get(header["kid"])
-        if key is None:
-            raise InvalidToken("unknown kid")
-        return key
+    def _stale(self) -> bool:
+        return self._age() > self._max_age
+
+    def _fresh_key(self, kid: str) -> tuple[str, Any] | None:
+        """The key named ``kid`` in a key set that needs no refresh, else None."""
+        return self._keys.keys.get(kid) if not self._stale() else None
+
+    def _key_after_refresh(self, kid: str, failure: str | None) -> tuple[str, Any]:
+        """The key named ``kid`` once a refresh was tried (or was not due). While the JWKS
+        cannot be fetched, a stale set serves for ``jwks_stale_if_error`` more seconds, and a
+        kid it lacks is no verdict: the key may be new."""
+        failure = failure or self._fetch_error
+        key = self._keys.keys.get(kid)
+        if key is not None and (
+            failure is None or self._age() <= self._max_age + self._stale_if_error
+        ):
+            return key
+        if failure is not None:
+            raise VerificationUnavailable(f"JWKS unavailable: {failure}", self._retry_after())
+        raise InvalidToken("unknown kid")
+
+    def _retry_after(self) -> int:
+        """Seconds until the JWKS may be fetched again."""
+        due = self._last_fetch_attempt + self._refetch_interval - time.monotonic()
+        return max(1, math.ceil(due))
 
     def _check(self, token: str, header: dict[str, Any], key: tuple[str, Any]) -> VerifiedToken:
         alg, public_key = key
@@ -177,7 +323,11 @@ class TokenVerifier:
             )
         except (jwt.PyJWTError, ValueError, RecursionError) as exc:
             raise InvalidToken(str(exc) or type(exc).__name__) from None
-        return verified_from_claims(claims)
+        verified = verified_from_claims(claims)
+        # A stolen token that lives for years is worth stealing; the server never issues one.
+        if claims["exp"] - claims["iat"] > self._max_lifetime:
+            raise InvalidToken("exp - iat exceeds the longest lifetime the server issues")
+        return verified
 
     # The JWKS
 
@@ -193,38 +343,72 @@ class TokenVerifier:
         self._last_fetch_attempt = now
         return True
 
-    def _refresh_sync(self, kid: str) -> None:
-        with self._lock:
-            if not self._should_fetch(kid):
-                return
-            try:
-                response = httpx.get(self.jwks_url, timeout=self._timeout)
-            except httpx.HTTPError as exc:
-                raise InvalidToken(f"JWKS unreachable: {exc}") from None
-            self._keys = self._parse_jwks(response)
+    def _jwks_request(self) -> httpx.Request:
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+        return httpx.Request("GET", self.jwks_url, headers=headers)
 
-    async def _refresh_async(self, kid: str) -> None:
+    def _refresh_sync(self, kid: str) -> str | None:
+        """Refresh the key set if due; why that failed, if it did."""
+        deadline = self._deadline()
+        if not self._lock.acquire(timeout=self._timeout):
+            return "another fetch of the JWKS is taking too long"
+        try:
+            if not self._should_fetch(kid):
+                return None
+            try:
+                self._keys = self._parse_jwks(
+                    *self._fetch_sync(self._jwks_request(), MAX_JWKS_BYTES, deadline)
+                )
+            except _FetchFailed as exc:
+                self._fetch_error = exc.reason
+                return exc.reason
+            except BaseException:
+                self._fetch_error = INTERRUPTED
+                raise
+            self._fetch_error = None
+            return None
+        finally:
+            self._lock.release()
+
+    async def _refresh_async(self, kid: str) -> str | None:
+        """Refresh the key set if due; why that failed, if it did."""
+        deadline = self._deadline()
         if self._async_lock is None:
             self._async_lock = asyncio.Lock()
-        async with self._async_lock:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._async_lock.acquire()
+        except TimeoutError:
+            return "another fetch of the JWKS is taking too long"
+        try:
             if not self._should_fetch(kid):
-                return
+                return None
             try:
-                async with httpx.AsyncClient(timeout=self._timeout) as client:
-                    response = await client.get(self.jwks_url)
-            except httpx.HTTPError as exc:
-                raise InvalidToken(f"JWKS unreachable: {exc}") from None
-            self._keys = self._parse_jwks(response)
+                self._keys = self._parse_jwks(
+                    *await self._fetch_async(self._jwks_request(), MAX_JWKS_BYTES, deadline)
+                )
+            except _FetchFailed as exc:
+                self._fetch_error = exc.reason
+                return exc.reason
+            except BaseException:  # cancelled, say: the next fetch is an interval away
+                self._fetch_error = INTERRUPTED
+                raise
+            self._fetch_error = None
+            return None
+        finally:
+            self._async_lock.release()
 
-    def _parse_jwks(self, response: httpx.Response) -> _KeySet:
-        if response.status_code != 200 or len(response.content) > MAX_JWKS_BYTES:
-            raise InvalidToken(f"JWKS answered HTTP {response.status_code}")
+    def _parse_jwks(self, status: int, body: bytes) -> _KeySet:
+        if status != 200:
+            raise _FetchFailed(f"the JWKS answered HTTP {status}")
         keys: dict[str, tuple[str, Any]] = {}
         try:
-            entries = response.json()["keys"]
-        except (ValueError, KeyError, TypeError):
-            raise InvalidToken("JWKS is not a key set") from None
-        for entry in entries if isinstance(entries, list) else []:
+            entries = json.loads(body)["keys"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            entries = None
+        if not isinstance(entries, list):
+            raise _FetchFailed("the JWKS is not a key set")
+        for entry in entries:
             if not isinstance(entry, dict):
                 continue
             alg, kid = entry.get("alg"), entry.get("kid")
@@ -237,6 +421,196 @@ class TokenVerifier:
             except (jwt.PyJWTError, ValueError, TypeError):
                 continue
         return _KeySet(keys, time.monotonic())
+
+    # Introspection
+
+    def _require_active_sync(
+        self, introspection: Introspection, token: str, verified: VerifiedToken
+    ) -> None:
+        active = self._answers.get(verified.jti)
+        if active is None:
+            request = _introspection_request(introspection, token)
+            try:
+                answer = self._fetch_sync(request, MAX_INTROSPECTION_BYTES, self._deadline())
+                active = self._remember(introspection, verified, *answer)
+            except _FetchFailed as exc:
+                raise _introspection_unavailable(exc) from None
+        _require_active(active)
+
+    async def _require_active_async(
+        self, introspection: Introspection, token: str, verified: VerifiedToken
+    ) -> None:
+        active = self._answers.get(verified.jti)
+        if active is None:
+            request = _introspection_request(introspection, token)
+            try:
+                answer = await self._fetch_async(request, MAX_INTROSPECTION_BYTES, self._deadline())
+                active = self._remember(introspection, verified, *answer)
+            except _FetchFailed as exc:
+                raise _introspection_unavailable(exc) from None
+        _require_active(active)
+
+    def _remember(
+        self, introspection: Introspection, verified: VerifiedToken, status: int, body: bytes
+    ) -> bool:
+        """Whether the answer says active, cached: an active answer for ``cache_seconds``
+        but never past ``exp``; an inactive one until the token fails the offline checks."""
+        active = _activity(status, body)
+        exp = float(verified.claims["exp"])
+        if active:
+            until = min(time.time() + introspection.cache_seconds, exp)
+        else:
+            until = exp + self._leeway
+        self._answers.put(verified.jti, active, until)
+        return active
+
+    # Fetching, bounded in bytes and in time
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self._timeout
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """One TLS context for every fetch: building one loads the CA bundle (tens of ms)."""
+        with self._tls_lock:
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
+            return self._tls
+
+    def _fetch_sync(self, request: httpx.Request, limit: int, deadline: float) -> tuple[int, bytes]:
+        """The status and body of ``request``, run in a worker thread and waited for until
+        ``deadline``: httpx's timeouts bound each read, not the fetch, so a server that drips
+        a byte at a time could hold a caller for ever. Abandoned, the fetch ends at its next
+        chunk past the deadline, or once its connection is closed under it."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _FetchFailed(f"no answer within {self._timeout:g} s")
+        client = httpx.Client(timeout=remaining, verify=self._tls_context())
+        future = self._workers.submit(_read_sync, client, request, limit, deadline)
+        try:
+            return future.result(timeout=remaining)
+        except TimeoutError:
+            future.cancel()
+            client.close()
+            raise _FetchFailed(f"no answer within {self._timeout:g} s") from None
+
+    async def _fetch_async(
+        self, request: httpx.Request, limit: int, deadline: float
+    ) -> tuple[int, bytes]:
+        """The status and body of ``request``, all of it by ``deadline``."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _FetchFailed(f"no answer within {self._timeout:g} s")
+        tls = self._tls_context()
+        try:
+            async with (
+                asyncio.timeout(remaining),
+                httpx.AsyncClient(timeout=remaining, verify=tls) as client,
+            ):
+                response = await client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        return response.status_code, b""
+                    _check_head(response, limit)
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        _check_progress(body, limit)
+                    return 200, bytes(body)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise _FetchFailed(f"no answer within {self._timeout:g} s") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _FetchFailed(_unreachable(exc)) from None
+
+
+def _read_sync(
+    client: httpx.Client, request: httpx.Request, limit: int, deadline: float
+) -> tuple[int, bytes]:
+    """The status of ``request`` and, for a 200, its body: at most ``limit`` bytes, read by
+    ``deadline`` (checked between chunks; the caller stops waiting then in any case)."""
+    try:
+        with client:
+            response = client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    return response.status_code, b""
+                _check_head(response, limit)
+                body = bytearray()
+                for chunk in response.iter_raw():
+                    body += chunk
+                    _check_progress(body, limit)
+                    if time.monotonic() > deadline:
+                        raise _FetchFailed("the answer is too slow")
+                return 200, bytes(body)
+            finally:
+                response.close()
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise _FetchFailed(_unreachable(exc)) from None
+
+
+def _check_head(response: httpx.Response, limit: int) -> None:
+    """Refuse, before reading it, a body that says it is too large, or that is compressed
+    (a small compressed body can inflate to anything)."""
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        raise _FetchFailed("the answer is content-encoded")
+    try:
+        too_large = int(response.headers.get("content-length", "0")) > limit
+    except ValueError:
+        too_large = True
+    if too_large:
+        raise _FetchFailed(f"the answer is larger than {limit} bytes")
+
+
+def _check_progress(body: bytearray, limit: int) -> None:
+    if len(body) > limit:
+        raise _FetchFailed(f"the answer is larger than {limit} bytes")
+
+
+def _introspection_request(introspection: Introspection, token: str) -> httpx.Request:
+    # RFC 6749 §2.3.1: id and secret are each form-urlencoded before they are joined.
+    pair = f"{quote_plus(introspection.client_id)}:{quote_plus(introspection.client_secret)}"
+    headers = {
+        "Authorization": "Basic " + base64.b64encode(pair.encode()).decode("ascii"),
+        "Accept": "application/json",
+        "Accept-Encoding": "identity",
+    }
+    form = {"token": token, "token_type_hint": "access_token"}
+    return httpx.Request("POST", introspection.url, data=form, headers=headers)
+
+
+def _unreachable(exc: Exception) -> str:
+    return f"unreachable ({type(exc).__name__}: {exc})"
+
+
+def _activity(status: int, body: bytes) -> bool:
+    """The ``active`` member of an introspection answer (RFC 7662 §2.2)."""
+    if status == 401:
+        raise _FetchFailed(
+            "the introspection endpoint refused the resource server's credentials (HTTP 401):"
+            " a configuration error, check Introspection.client_id and client_secret"
+        )
+    if status != 200:
+        raise _FetchFailed(f"the introspection endpoint answered HTTP {status}")
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _FetchFailed("the introspection answer is not JSON") from None
+    active = answer.get("active") if isinstance(answer, dict) else None
+    if not isinstance(active, bool):
+        raise _FetchFailed("the introspection answer has no boolean active member")
+    return active
+
+
+def _require_active(active: bool) -> None:
+    if not active:
+        raise InvalidToken("the token is not active (revoked, say)")
+
+
+def _introspection_unavailable(exc: _FetchFailed) -> VerificationUnavailable:
+    return VerificationUnavailable(
+        f"introspection unavailable: {exc.reason}", INTROSPECTION_RETRY_AFTER
+    )
 
 
 def verified_from_claims(claims: dict[str, Any]) -> VerifiedToken:

@@ -24,6 +24,7 @@ def app_json(app: App) -> dict[str, Any]:
         "introspect": app.introspect,
         "quota_hourly": app.quota_hourly,
         "quota_daily": app.quota_daily,
+        "tokens_not_before": app.tokens_not_before,
         "created_at": app.created_at,
     }
 
@@ -154,7 +155,7 @@ def _set_enabled(client_id: str, enabled: bool, as_json: bool) -> None:
 @click.argument("client_id")
 @json_option
 def apps_disable(client_id: str, as_json: bool) -> None:
-    """Disable an app: its credentials stop working at once."""
+    """Disable an app: its credentials and the tokens it holds stop working at once."""
     _set_enabled(client_id, False, as_json)
 
 
@@ -164,6 +165,17 @@ def apps_disable(client_id: str, as_json: bool) -> None:
 def apps_enable(client_id: str, as_json: bool) -> None:
     """Enable a disabled app."""
     _set_enabled(client_id, True, as_json)
+
+
+@apps.command("revoke-tokens")
+@click.argument("client_id")
+@json_option
+def apps_revoke_tokens(client_id: str, as_json: bool) -> None:
+    """End every token the app holds now (its secrets keep working for new tokens)."""
+    with runtime() as rt:
+        app = registry.revoke_app_tokens(rt, client_id)
+        when = _when(app.tokens_not_before)
+        emit(as_json, app_json(app), f"tokens of {client_id} issued before {when} are refused")
 
 
 @apps.command("rotate-secret")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from leanauth.cli.common import emit, json_option, parse_duration, runtime
+from leanauth.safetext import escape
 from leanauth.store.models import AuditEvent
 
 
@@ -24,10 +25,12 @@ def event_json(event: AuditEvent) -> dict[str, Any]:
 
 
 def event_text(event: AuditEvent) -> str:
+    """One line per event: every field may hold request text (a refused client id, a
+    forwarded address, a reason), so each is escaped and a newline cannot start a line."""
     data = event_json(event)
-    detail = " ".join(f"{k}={v}" for k, v in (event.detail or {}).items())
-    who = event.client_id or "-"
-    return f"{data['at']}  {event.kind}  {event.outcome}  {who}  {event.source or '-'}  {detail}"
+    detail = " ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in (event.detail or {}).items())
+    fields = (event.kind, event.outcome, event.client_id or "-", event.source or "-")
+    return "  ".join([data["at"], *map(escape, fields), detail])
 
 
 @click.group()

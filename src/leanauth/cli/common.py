@@ -14,6 +14,7 @@ import click
 from leanauth import __version__
 from leanauth.bootstrap import Runtime, SchemaMode, open_runtime
 from leanauth.logs import configure_logging
+from leanauth.safetext import escape, escape_lines
 from leanauth.settings import Settings, SettingsError
 from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
 from leanauth.store.migrate import SchemaOutdated
@@ -28,12 +29,17 @@ def main() -> None:
 
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    """One ``error:`` line on stderr. The message may quote input (a client id, a path), so
+    it is escaped whole: a newline in it cannot add a line, an escape sequence cannot act."""
+    click.echo(f"error: {escape(message)}", err=True)
     sys.exit(1)
 
 
 def emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+    """Print ``data`` as JSON or ``text`` for people. Either may carry attacker-chosen text
+    (audit rows, names): JSON escapes it, and the text's lines get their unprintable
+    characters escaped so no escape sequence reaches the operator's terminal."""
+    click.echo(json.dumps(data, indent=2) if as_json else escape_lines(text))
 
 
 @contextmanager

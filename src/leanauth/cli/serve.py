@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -13,6 +14,10 @@ from leanauth import registry
 from leanauth.bootstrap import Runtime
 from leanauth.cli.common import emit, json_option, runtime
 from leanauth.logs import configure_logging
+from leanauth.safetext import masked_url
+from leanauth.store.engine import exposed_database_warning
+
+log = logging.getLogger("leanauth.serve")
 
 
 @click.command()
@@ -34,6 +39,10 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
     with runtime() as rt:
         settings = rt.settings
     configure_logging(settings.log_level, settings.log_format)
+    # Once, here in the parent: the workers open the same file.
+    warning = exposed_database_warning(settings.database_url)
+    if warning:
+        log.warning("%s", warning)
     uvicorn.run(
         "leanauth.app:serve_app",
         factory=True,
@@ -59,8 +68,10 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
 def init(demo: bool, as_json: bool) -> None:
     """Apply migrations; prepare the key-encryption key and the first signing key."""
     with runtime(schema="upgrade") as rt:
-        data: dict[str, Any] = {"database_url": rt.settings.database_url}
-        lines = [f"database ready: {rt.settings.database_url}"]
+        # Terminals and CI logs keep what is printed: never the database's password.
+        database_url = masked_url(rt.settings.database_url)
+        data: dict[str, Any] = {"database_url": database_url}
+        lines = [f"database ready: {database_url}"]
         if demo:
             demo_app = data["demo_app"] = demo_credentials(rt)
             if demo_app is None:
@@ -97,7 +108,7 @@ def demo_credentials(rt: Runtime) -> dict[str, Any] | None:
         "client_id": created.app.client_id,
         "client_secret": created.client_secret,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(saved, handle)

@@ -22,8 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from leanauth import registry
-from leanauth.endpoints.oauth import decode_own_token
+from leanauth.endpoints.oauth import current_claims, decode_own_token
 from leanauth.resource import BearerError, bearer_token
+from leanauth.safetext import has_control_characters
 from leanauth.services import Services
 from leanauth.store.base import AlreadyExists, StoreError
 from leanauth.store.models import Customer
@@ -55,7 +56,7 @@ class CustomersApi:
         claims = decode_own_token(self._services, bearer_token(request), check_expiry=True)
         if claims is None or claims.get("aud") not in self._audiences:
             raise BearerError(401, "invalid_token", "The access token is invalid.")
-        if self._services.cache.is_revoked(claims["jti"]):
+        if current_claims(self._services, claims) is None:
             raise BearerError(401, "invalid_token", "The access token was revoked.")
         return verified_from_claims(claims)
 
@@ -152,6 +153,10 @@ async def _app_user_id(request: Request) -> str | Response:
     if not isinstance(value, str) or not 1 <= len(value) <= registry.MAX_APP_USER_ID:
         return lean_error(
             400, "INVALID_PARAMETERS", "app_user_id must be a string of 1 to 255 characters."
+        )
+    if has_control_characters(value):
+        return lean_error(
+            400, "INVALID_PARAMETERS", "app_user_id must not contain control characters."
         )
     return value
 

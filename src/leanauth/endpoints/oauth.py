@@ -14,10 +14,21 @@ import jwt
 import orjson
 from starlette.routing import Route
 
-from leanauth.endpoints.oauthbase import Attempt, OAuthEndpoint, Receive, Scope
-from leanauth.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
+from leanauth.endpoints.oauthbase import (
+    CLIENT_PARAMETERS,
+    Attempt,
+    OAuthEndpoint,
+    Receive,
+    Scope,
+)
+from leanauth.errors import (
+    InvalidRequest,
+    TemporarilyUnavailable,
+    TooManyRequests,
+    UnauthorizedClient,
+)
 from leanauth.services import Services
-from leanauth.store.base import StoreError
+from leanauth.store.base import LimitReached, StoreError
 from leanauth.store.models import App, RevokedToken
 
 REVOKE_PATH = "/oauth2/revoke"
@@ -37,7 +48,8 @@ def token_parameter(params: dict[str, str]) -> str:
 def decode_own_token(
     services: Services, token: str, *, check_expiry: bool
 ) -> dict[str, Any] | None:
-    """The claims of a token this server signed with a key it still publishes, else None."""
+    """The claims of a token this server signed with a key it still publishes (not one it
+    revoked), living no longer than this server issues tokens for; else None."""
     if len(token) > MAX_TOKEN_LENGTH:
         return None
     try:
@@ -58,11 +70,32 @@ def decode_own_token(
         )
     except (jwt.PyJWTError, KeyError, TypeError, ValueError):
         return None
+    lifetime = claims["exp"] - claims["iat"]
+    if not isinstance(lifetime, int | float) or lifetime > longest_lifetime(services):
+        # A token this server never issued: signed with a stolen key, most likely.
+        return None
+    return claims
+
+
+def longest_lifetime(services: Services) -> int:
+    """The longest lifetime of any token this server issues now."""
+    return max(services.issuer.longest_default_lifetime, services.cache.longest_app_ttl)
+
+
+def current_claims(services: Services, claims: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``claims`` if the token still counts: not revoked, and its app neither disabled nor
+    made to revoke its tokens since the token was issued (``apps revoke-tokens``)."""
+    if claims is None or services.cache.is_revoked(claims["jti"]):
+        return None
+    if not services.cache.token_is_current(claims["client_id"], claims["iat"]):
+        return None
     return claims
 
 
 class TokenCheckEndpoint(OAuthEndpoint):
     """An endpoint about a token: the form, the calling app, and the token's claims."""
+
+    parameters = frozenset({"token", "token_type_hint", *CLIENT_PARAMETERS})
 
     async def caller_and_token(
         self, scope: Scope, receive: Receive, attempt: Attempt, now: float, *, expired: bool
@@ -77,7 +110,9 @@ class TokenCheckEndpoint(OAuthEndpoint):
 
 class RevocationEndpoint(TokenCheckEndpoint):
     """RFC 7009: an app revokes its own tokens. Invalid or expired tokens answer 200 (the
-    client cannot do anything about them); another app's token is refused."""
+    client cannot do anything about them); another app's token is refused. Every node keeps
+    live revocations in memory, so an app may hold ``LEANAUTH_MAX_REVOCATIONS_PER_APP`` of
+    them at once; past that, 429 until the oldest of them expires."""
 
     audit_kind = "revocation"
 
@@ -91,8 +126,14 @@ class RevocationEndpoint(TokenCheckEndpoint):
         if claims["client_id"] != caller.client_id:
             raise UnauthorizedClient("The token was not issued to this client.")
         revoked = RevokedToken(claims["jti"], caller.client_id, claims["exp"], int(now))
+        cap = services.runtime.settings.max_revocations_per_app
         try:
-            await asyncio.to_thread(services.runtime.store.revoke_token, revoked)
+            await asyncio.to_thread(services.runtime.store.revoke_token, revoked, cap)
+        except LimitReached as full:
+            raise TooManyRequests(
+                f"This app may hold {cap} revocations of live tokens at once.",
+                retry_after=full.retry_after,
+            ) from None
         except StoreError as exc:
             raise TemporarilyUnavailable(detail=str(exc)) from exc
         services.cache.add_revoked(revoked.jti, revoked.expires_at)
@@ -121,7 +162,7 @@ class IntrospectionEndpoint(TokenCheckEndpoint):
         staleness = time.monotonic() - services.cache.synced_at
         if staleness > services.runtime.settings.introspection_max_staleness:
             raise TemporarilyUnavailable(detail=f"revocation list {staleness:.0f}s old")
-        if services.cache.is_revoked(claims["jti"]):
+        if current_claims(services, claims) is None:
             services.audit.record("introspection", "inactive", caller.client_id, attempt.source)
             return orjson.dumps({"active": False})
         services.audit.record(

@@ -4,7 +4,6 @@ and one way to answer, audit and count a refusal."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,6 +19,7 @@ from leanauth.errors import (
     PayloadTooLarge,
     ServerError,
 )
+from leanauth.safetext import CONTROL_CHARACTERS, bounded
 from leanauth.services import Services
 from leanauth.throttle import MAX_CLIENT_ID
 
@@ -28,6 +28,7 @@ log = logging.getLogger("leanauth.oauth")
 MAX_BODY_BYTES = 16 * 1024
 MAX_FIELDS = 32
 FORM_CONTENT_TYPE = b"application/x-www-form-urlencoded"
+CLIENT_PARAMETERS = frozenset({"client_id", "client_secret"})
 
 Scope = dict[str, Any]
 Receive = Any
@@ -78,9 +79,12 @@ async def read_body(receive: Receive, content_length: bytes | None) -> bytes:
             return b"".join(chunks)
 
 
-def parse_form(body: bytes) -> dict[str, str]:
-    """Decode the form; RFC 6749 §3.2: parameters MUST NOT be included more than once, and
-    parameters sent without a value MUST be treated as if they were omitted."""
+def parse_form(body: bytes, known: frozenset[str]) -> dict[str, str]:
+    """Decode the form's ``known`` parameters. RFC 6749 §3.2: parameters MUST NOT be
+    included more than once, and parameters sent without a value MUST be treated as if they
+    were omitted; §3.1: unknown parameters MUST be ignored (repeated or not). No parameter
+    may carry a control character (Appendix A allows none), and no error repeats request
+    text: a name in an error is always one of ``known``."""
     if body.count(b"&") >= MAX_FIELDS:
         raise InvalidRequest(f"Too many parameters (at most {MAX_FIELDS}).")
     params: dict[str, str] = {}
@@ -88,14 +92,18 @@ def parse_form(body: bytes) -> dict[str, str]:
         # What parse_qsl does, without its generality: it took an eighth of the token
         # path's time (measured), and most pairs here need no unescaping at all.
         for pair in body.decode("utf-8").split("&"):
-            if not pair:
-                continue
             name, _, value = pair.partition("=")
-            if "%" in pair or "+" in pair:
+            escaped = "%" in pair or "+" in pair
+            if escaped:
                 name = unquote_plus(name, errors="strict")
+            if name not in known:
+                continue
+            if escaped:
                 value = unquote_plus(value, errors="strict")
             if name in params:
-                raise InvalidRequest(f"The parameter {name!r} is repeated.")
+                raise InvalidRequest(f"The parameter {name} is repeated.")
+            if CONTROL_CHARACTERS.search(value) is not None:
+                raise InvalidRequest(f"The parameter {name} contains a control character.")
             params[name] = value
     except UnicodeDecodeError:
         raise InvalidRequest("The body is not a valid UTF-8 form.") from None
@@ -104,7 +112,8 @@ def parse_form(body: bytes) -> dict[str, str]:
 
 @dataclass(slots=True)
 class Attempt:
-    """What is known of a request so far, for the audit trail and the throttle."""
+    """What is known of a request so far, for the audit trail and the throttle. Until the
+    client has authenticated, ``client_id`` and ``scope`` are the request's own text."""
 
     source: str = "unknown"
     client_id: str | None = None
@@ -120,6 +129,8 @@ class OAuthEndpoint:
     """An ASGI endpoint taking a form POST; subclasses implement :meth:`handle`."""
 
     audit_kind = "oauth"
+    # The form parameters the endpoint reads; every other one is ignored.
+    parameters: frozenset[str] = CLIENT_PARAMETERS
 
     def __init__(self, services: Services) -> None:
         self._services = services
@@ -129,13 +140,13 @@ class OAuthEndpoint:
         try:
             status, body, headers = 200, await self.handle(scope, receive, attempt), []
         except OAuthError as error:
-            await self._refused(error, attempt)
+            self._refused(error, attempt)
             status, body, headers = error.status_code, error.body(), error.extra_headers_list()
         except Exception:
             log.exception("%s request failed", self.audit_kind)
             failure = ServerError()
             self._services.audit.record(
-                self.audit_kind, failure.error, _bounded(attempt.client_id), attempt.source
+                self.audit_kind, failure.error, _bounded_id(attempt.client_id), attempt.source
             )
             status, body, headers = failure.status_code, failure.body(), []
         headers = [*NO_STORE_HEADERS, *headers, (b"content-length", str(len(body)).encode())]
@@ -153,40 +164,43 @@ class OAuthEndpoint:
             raise InvalidRequest("Send one Authorization header.")
         attempt.source = self._services.source_address(scope, headers.get(b"x-forwarded-for"))
         require_form_body(headers.get(b"content-type"))
-        params = parse_form(await read_body(receive, headers.get(b"content-length")))
+        params = parse_form(
+            await read_body(receive, headers.get(b"content-length")), self.parameters
+        )
         return FormRequest(headers, params)
 
     def authenticate(self, form: FormRequest, attempt: Attempt, now: float) -> Authenticated:
-        presented = presented_credentials(form.headers.get(b"authorization"), form.params)
-        attempt.client_id = presented.client_id
-        self._services.throttle.check(presented.client_id, attempt.source, now)
-        return authenticate(presented, self._services.cache, self._services.runtime.hasher)
+        """The authenticated client. The secret is checked before the throttle is consulted,
+        so correct credentials always succeed; a failure is counted, and answered 429
+        instead of 401 once its pair or source has used up its allowance."""
+        try:
+            presented = presented_credentials(form.headers.get(b"authorization"), form.params)
+            attempt.client_id = presented.client_id
+            return authenticate(presented, self._services.cache, self._services.runtime.hasher, now)
+        except InvalidClient as failure:
+            throttled = self._services.throttle.refuse(attempt.client_id, attempt.source, now)
+            if throttled is not None:
+                throttled.detail = failure.detail
+                raise throttled from None
+            raise
 
-    async def _refused(self, error: OAuthError, attempt: Attempt) -> None:
-        """Count a failed authentication against the throttle, and audit every refusal."""
-        services = self._services
-        if isinstance(error, InvalidClient):
-            if services.throttle.shared:
-                await asyncio.to_thread(
-                    services.throttle.record_failure, attempt.client_id, attempt.source
-                )
-            else:
-                services.throttle.record_failure(attempt.client_id, attempt.source)
-        detail: dict[str, object] = {"scope": attempt.scope} if attempt.scope else {}
+    def _refused(self, error: OAuthError, attempt: Attempt) -> None:
+        """Audit every refusal, keeping only a bounded, escaped piece of the request's text."""
+        detail: dict[str, object] = {"scope": bounded(attempt.scope)} if attempt.scope else {}
         if error.detail:
-            detail["reason"] = error.detail
-        services.audit.record(
+            detail["reason"] = bounded(error.detail)
+        self._services.audit.record(
             self.audit_kind,
             error.error,
-            _bounded(attempt.client_id),
+            _bounded_id(attempt.client_id),
             attempt.source,
             detail or None,
         )
 
 
-def _bounded(client_id: str | None) -> str | None:
+def _bounded_id(client_id: str | None) -> str | None:
     # A client id that failed authentication is attacker-chosen text.
-    return None if client_id is None else client_id[:MAX_CLIENT_ID]
+    return bounded(client_id, MAX_CLIENT_ID)
 
 
 def _repeated_auth(raw_headers: list[tuple[bytes, bytes]]) -> bool:

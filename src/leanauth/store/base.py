@@ -32,6 +32,19 @@ class Conflict(ValueError):
     """A concurrent change got there first (or a limit is reached); nothing was changed."""
 
 
+class RejectedRecords(StoreError):
+    """The database refused the records themselves (bad data), not for want of a connection:
+    writing them again cannot succeed."""
+
+
+class LimitReached(Conflict):
+    """A cap is reached; ``retry_after`` seconds from now there is room again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AlreadyExists(ValueError):
     """A unique value (such as a customer's app_user_id within its app) is already taken."""
 
@@ -85,16 +98,21 @@ class Store(Protocol):
         created_before: int | None = None,
         keep_within: int = 0,
     ) -> StoredKey | None: ...
+    def revoke_key(
+        self, kid: str, now: int, replacement: StoredKey
+    ) -> tuple[StoredKey, StoredKey | None]: ...
 
     # Revocations, usage, audit
-    def revoke_token(self, revoked: RevokedToken) -> bool: ...
+    def revoke_token(self, revoked: RevokedToken, max_live_per_app: int | None = None) -> bool: ...
     def get_revoked(self, jti: str) -> RevokedToken | None: ...
     def list_revoked(self, now: int) -> Sequence[RevokedToken]: ...
     def add_usage(self, deltas: Mapping[tuple[str, str], int], keep: Sequence[str]) -> None: ...
     def usage(
         self, windows: Sequence[str], client_id: str | None = None
     ) -> dict[tuple[str, str], int]: ...
-    def add_audit_events(self, events: Sequence[AuditEvent]) -> None: ...
+    def add_audit_events(self, events: Sequence[AuditEvent]) -> None:
+        """Append events; :class:`RejectedRecords` when the database refuses their data."""
+
     def prune_audit_events(self, before_ms: int) -> int: ...
     def list_audit_events(
         self, client_id: str | None = None, since_ms: int | None = None, limit: int = 1000

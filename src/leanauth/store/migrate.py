@@ -8,6 +8,7 @@ it and the others find it done.
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,9 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
             yield conn
             return
         lock_path = Path(database).with_suffix(".migrate.lock")
-        with lock_path.open("a") as lock_file:
+        # For this user only, like the database beside it.
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield conn

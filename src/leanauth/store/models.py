@@ -23,6 +23,15 @@ class App:
     # Caps on tokens issued per UTC hour and per UTC day (None: no cap).
     quota_hourly: int | None = None
     quota_daily: int | None = None
+    # Tokens of this app issued (``iat``) before this time are refused everywhere.
+    tokens_not_before: int | None = None
+
+    def token_is_current(self, issued_at: float) -> bool:
+        """Whether a token of this app issued at ``issued_at`` still counts: the app is
+        enabled and the token is not older than the app's last ``revoke-tokens``."""
+        return self.enabled and (
+            self.tokens_not_before is None or issued_at >= self.tokens_not_before
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +45,7 @@ class ClientSecret:
     expires_at: int | None = None
     last_used_at: int | None = None
 
-    def live_at(self, now: int) -> bool:
+    def live_at(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
 
 

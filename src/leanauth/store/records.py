@@ -7,11 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+import psycopg
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import IntegrityError
 
 from leanauth.store import schema
+from leanauth.store.base import LimitReached, RejectedRecords, StoreError
 from leanauth.store.models import AuditEvent, RevokedToken
-from leanauth.store.sqlbase import SqlBase
+from leanauth.store.sqlbase import SqlBase, first_line
 
 
 def _revoked(row: Any) -> RevokedToken:
@@ -34,13 +37,28 @@ AUDIT_COLUMNS = ("at_ms", "kind", "outcome", "client_id", "source", "detail")
 AUDIT_COPY = f"COPY audit_events ({', '.join(AUDIT_COLUMNS)}) FROM STDIN"
 
 
+def _copy_audit_rows(conn: Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """COPY: a row per token is the heaviest write the server makes, and COPY costs
+    PostgreSQL (on the same machine, often) a fraction of INSERTs. The driver's own errors
+    come straight from psycopg, not through SQLAlchemy."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(AUDIT_COPY) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 class SqlRecords(SqlBase):
     # Revoked tokens (RFC 7009): kept until the token would have expired anyway.
 
-    def revoke_token(self, revoked: RevokedToken) -> bool:
-        """Record a revocation; False when the token was revoked already."""
+    def revoke_token(self, revoked: RevokedToken, max_live_per_app: int | None = None) -> bool:
+        """Record a revocation; False when the token was revoked already. Every node keeps
+        the live revocations in memory, so an app may hold at most ``max_live_per_app`` of
+        them (:class:`LimitReached` past that)."""
         table = schema.revoked_tokens
         with self._write() as conn:
+            if max_live_per_app is not None:
+                self._check_revocation_room(conn, revoked, max_live_per_app)
             statement = self._upsert(conn, table).values(
                 jti=revoked.jti,
                 client_id=revoked.client_id,
@@ -55,6 +73,19 @@ class SqlRecords(SqlBase):
             conn.execute(table.delete().where(table.c.expires_at < revoked.revoked_at))
             self._record_change(conn, "revocation", revoked.jti)
             return True
+
+    @staticmethod
+    def _check_revocation_room(conn: Connection, revoked: RevokedToken, cap: int) -> None:
+        c = schema.revoked_tokens.c
+        live = select(func.count(), func.min(c.expires_at)).where(
+            c.client_id == revoked.client_id, c.expires_at >= revoked.revoked_at
+        )
+        count, soonest = conn.execute(live).one()
+        if count >= cap:
+            raise LimitReached(
+                f"the app holds {count} live revocations, the most allowed",
+                retry_after=max(1, int(soonest) - revoked.revoked_at + 1),
+            )
 
     def get_revoked(self, jti: str) -> RevokedToken | None:
         table = schema.revoked_tokens
@@ -117,22 +148,21 @@ class SqlRecords(SqlBase):
             )
             for e in events
         ]
-        with self._write() as conn:
-            if conn.dialect.name == "postgresql":
-                # COPY: a row per token is the heaviest write the server makes, and COPY
-                # costs PostgreSQL (on the same machine, often) a fraction of INSERTs.
-                driver = conn.connection.driver_connection
-                assert driver is not None
-                with driver.cursor() as cursor, cursor.copy(AUDIT_COPY) as copy:
-                    for row in rows:
-                        copy.write_row(row)
-                return
-            # A plain driver executemany: SQLAlchemy's per-row parameter handling doubled the
-            # cost (measured: 5.8 vs 2.8 µs a row).
-            statement = "INSERT INTO audit_events ({}) VALUES ({})".format(  # noqa: S608
-                ", ".join(AUDIT_COLUMNS), ", ".join(["?"] * len(AUDIT_COLUMNS))
-            )
-            conn.exec_driver_sql(statement, rows)
+        try:
+            with self._write() as conn:
+                if conn.dialect.name == "postgresql":
+                    _copy_audit_rows(conn, rows)
+                    return
+                # A plain driver executemany: SQLAlchemy's per-row parameter handling doubled
+                # the cost (measured: 5.8 vs 2.8 µs a row).
+                statement = "INSERT INTO audit_events ({}) VALUES ({})".format(  # noqa: S608
+                    ", ".join(AUDIT_COLUMNS), ", ".join(["?"] * len(AUDIT_COLUMNS))
+                )
+                conn.exec_driver_sql(statement, rows)
+        except (IntegrityError, psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise RejectedRecords(first_line(exc)) from exc
+        except psycopg.Error as exc:
+            raise StoreError(first_line(exc)) from exc
 
     def prune_audit_events(self, before_ms: int) -> int:
         """Delete events older than ``before_ms``; how many went."""

@@ -32,6 +32,8 @@ apps = Table(
     Column("introspect", Boolean, nullable=False, server_default=false()),
     Column("quota_hourly", Integer, nullable=True),
     Column("quota_daily", Integer, nullable=True),
+    # Tokens of the app issued (iat) before this time are refused: `apps revoke-tokens`.
+    Column("tokens_not_before", BigInteger, nullable=True),
 )
 
 client_secrets = Table(
@@ -64,6 +66,8 @@ signing_keys = Table(
     Column("public_jwk", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("activates_at", BigInteger, nullable=False),
+    # Set by `keys revoke`: the key leaves the JWKS and verifies nothing from then on.
+    Column("revoked_at", BigInteger, nullable=True),
 )
 
 changes = Table(
@@ -84,6 +88,7 @@ revoked_tokens = Table(
     Column("expires_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=False),
     Index("ix_revoked_tokens_expires_at", "expires_at"),
+    Index("ix_revoked_tokens_client_expires", "client_id", "expires_at"),
 )
 
 app_usage = Table(

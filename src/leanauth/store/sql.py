@@ -15,7 +15,7 @@ import orjson
 from sqlalchemy import Connection, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from leanauth.keys import StoredKey
+from leanauth.keys import StoredKey, schedule
 from leanauth.scopes import SCOPE_CLASSES, ScopeClass
 from leanauth.store import schema
 from leanauth.store.base import AlreadyExists, Conflict, NotFound
@@ -51,6 +51,7 @@ def _app(row: Any) -> App:
         introspect=bool(row.introspect),
         quota_hourly=row.quota_hourly,
         quota_daily=row.quota_daily,
+        tokens_not_before=row.tokens_not_before,
     )
 
 
@@ -77,6 +78,7 @@ def _key(row: Any) -> StoredKey:
         public_jwk=orjson.loads(row.public_jwk),
         created_at=row.created_at,
         activates_at=row.activates_at,
+        revoked_at=row.revoked_at,
     )
 
 
@@ -364,6 +366,34 @@ class SqlRegistry(SqlBase):
             self._insert_key(conn, new_key)
             self._record_change(conn, "key", new_key.kid)
             return new_key
+
+    def revoke_key(
+        self, kid: str, now: int, replacement: StoredKey
+    ) -> tuple[StoredKey, StoredKey | None]:
+        """Revoke key ``kid`` in one transaction: it leaves the JWKS and verifies nothing. If
+        it was the key signing now, ``replacement`` is stored to sign from this moment, so
+        there is never a moment without a usable signing key. Returns the revoked key and
+        the replacement, if one was needed. Revoking a revoked key changes nothing."""
+        keys = schema.signing_keys
+        with self._write() as conn:
+            self._lock_keys(conn)
+            self._lock_change_feed(conn)
+            now = max(now, int(time.time()))
+            stored = {k.kid: k for k in map(_key, conn.execute(select(keys)))}
+            if kid not in stored:
+                raise NotFound(f"no signing key {kid}")
+            if stored[kid].revoked:
+                return stored[kid], None
+            revoked = stored[kid] = replace(stored[kid], revoked_at=now)
+            conn.execute(keys.update().where(keys.c.kid == kid).values(revoked_at=now))
+            self._record_change(conn, "key", kid)
+            signing = [p for p in schedule(stored.values()) if p.state(now) == "active"]
+            if signing:
+                return revoked, None
+            replacement = replace(replacement, created_at=now, activates_at=now)
+            self._insert_key(conn, replacement)
+            self._record_change(conn, "key", replacement.kid)
+            return revoked, replacement
 
     @staticmethod
     def _lock_keys(conn: Connection) -> None:

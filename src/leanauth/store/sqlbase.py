@@ -10,10 +10,10 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from leanauth.store import migrate, schema
-from leanauth.store.base import ChangePublisher, StoreError
+from leanauth.store.base import ChangePublisher, RejectedRecords, StoreError
 from leanauth.store.engine import EngineOptions, engine_for
 from leanauth.store.models import Change, ChangeKind
 
@@ -24,7 +24,7 @@ PENDING_CHANGES = "leanauth_pending_changes"
 CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -43,13 +43,13 @@ class SqlBase:
         try:
             migrate.upgrade(self.engine, only_if_empty=only_if_empty)
         except SQLAlchemyError as exc:
-            raise StoreError(_first_line(exc)) from exc
+            raise StoreError(first_line(exc)) from exc
 
     def schema_revision(self) -> str | None:
         try:
             return migrate.current_revision(self.engine)
         except SQLAlchemyError as exc:
-            raise StoreError(_first_line(exc)) from exc
+            raise StoreError(first_line(exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()
@@ -62,7 +62,7 @@ class SqlBase:
             with self.engine.connect() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise StoreError(_first_line(exc)) from exc
+            raise StoreError(first_line(exc)) from exc
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -77,8 +77,10 @@ class SqlBase:
                     conn.info.pop(PENDING_CHANGES, None)
         except IntegrityError:
             raise
+        except DataError as exc:
+            raise RejectedRecords(first_line(exc)) from exc
         except SQLAlchemyError as exc:
-            raise StoreError(_first_line(exc)) from exc
+            raise StoreError(first_line(exc)) from exc
         if self._publish is not None:
             for kind in dict.fromkeys(kinds):
                 self._publish(kind)
