@@ -6,6 +6,8 @@
 # Needs: LEANAUTH_DATABASE_URL=postgresql://..., LEANAUTH_KEY_ENCRYPTION_KEY (the same on every
 # node); optional LEANAUTH_REDIS_URL, LEANAUTH_ISSUER (the load balancer's public URL),
 # WORKERS (processes per node, default 2). Ctrl-C or SIGTERM stops every node.
+# Put a load balancer in front and set LEANAUTH_TRUSTED_PROXIES to its address, or every
+# client counts as the balancer for the brute-force throttle.
 set -euo pipefail
 
 NODES=${1:-2}

@@ -132,6 +132,8 @@ def test_secrets_are_unique(env: Env) -> None:
         pytest.param(["--name", ""], id="empty-name"),
         pytest.param(["--name", "   "], id="blank-name"),
         pytest.param(["--name", "n" * 201], id="long-name"),
+        pytest.param(["--name", "a\x1b[2Jb"], id="escape-sequence-in-name"),
+        pytest.param(["--name", "a\nb"], id="newline-in-name"),
         pytest.param(["--name", "x", "--token-ttl", "59"], id="ttl-too-short"),
         pytest.param(["--name", "x", "--token-ttl", "86401"], id="ttl-too-long"),
         pytest.param(["--name", "x", "--token-ttl", "0"], id="ttl-zero"),

@@ -182,6 +182,11 @@ BAD_BODIES = {
     "text/plain": (b'{"app_user_id": "x"}', "text/plain", "JSON"),
     "form": (b"app_user_id=x", "application/x-www-form-urlencoded", "JSON"),
     "no content type": (b'{"app_user_id": "x"}', None, "JSON"),
+    # PostgreSQL refuses a NUL in text (it used to answer 503); no control character belongs
+    # in an id that backends store, log and show.
+    "a NUL": (b'{"app_user_id": "a\\u0000b"}', JSON, "app_user_id"),
+    "a newline": (b'{"app_user_id": "a\\nb"}', JSON, "app_user_id"),
+    "an escape sequence": (b'{"app_user_id": "\\u001b[2J"}', JSON, "app_user_id"),
 }
 
 

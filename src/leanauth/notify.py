@@ -16,6 +16,7 @@ from typing import Protocol
 import psycopg
 import redis
 
+from leanauth.safetext import without_password
 from leanauth.settings import Settings
 from leanauth.store.sql import NOTIFY_CHANNEL
 
@@ -33,6 +34,8 @@ class _ListenerThread:
     """Runs ``listen_once`` in a daemon thread, reconnecting after failures until stopped."""
 
     name = "listener"
+    # The server listened to (for error messages, which must not show its password).
+    url = ""
 
     def __init__(self) -> None:
         self._stopping = threading.Event()
@@ -54,7 +57,7 @@ class _ListenerThread:
             try:
                 self.listen_once(wake, self._stopping)
             except Exception as exc:
-                log.warning("%s: %s; reconnecting", self.name, exc)
+                log.warning("%s: %s; reconnecting", self.name, without_password(str(exc), self.url))
                 wake()  # something may have been missed while disconnected
                 self._stopping.wait(RECONNECT_DELAY)
 
@@ -67,7 +70,7 @@ class PostgresListener(_ListenerThread):
 
     def __init__(self, conninfo: str, connect_timeout: float) -> None:
         super().__init__()
-        self._conninfo = conninfo
+        self._conninfo = self.url = conninfo
         self._connect_timeout = connect_timeout
 
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
@@ -88,7 +91,7 @@ class RedisSubscriber(_ListenerThread):
 
     def __init__(self, url: str, channel: str, on_message: Callable[[bytes], None]) -> None:
         super().__init__()
-        self._url = url
+        self._url = self.url = url
         self._channel = channel
         self._on_message = on_message
 
@@ -142,7 +145,7 @@ class RedisPublisher:
             self._client.publish(NOTIFY_CHANNEL, kind)
         except (redis.RedisError, OSError) as exc:
             self._down_until = time.monotonic() + self.RETRY_AFTER
-            log.warning("could not publish a change notification: %s", exc)
+            log.warning("could not publish a change notification: %s", type(exc).__name__)
 
     def close(self) -> None:
         self._client.close()

@@ -64,3 +64,15 @@ def masked_url(url: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def without_password(text: str, url: str) -> str:
+    """``text`` (an error message, say) with the password of ``url`` masked wherever it
+    appears: drivers quote the whole connection URL in some of their errors."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    if not password:
+        return text
+    return text.replace(password, "***")
