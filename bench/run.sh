@@ -9,6 +9,8 @@
 #                                  an admin URL; a throwaway database is made and dropped).
 #        bench/run.sh features     the server before throttling, quotas and the audit trail
 #                                  (BENCH_BASELINE, a git revision) against the server now.
+#        bench/run.sh against REV  the server at git revision REV against the server now,
+#                                  with the same settings and bench app (a change's cost).
 #        backends and features alternate the two servers for ROUNDS (3) rounds and compare
 #        the medians.
 # Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
@@ -32,7 +34,7 @@ export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
 
 MODE=self
 case "${1:-}" in
-  peers | backends | features)
+  peers | backends | features | against)
     MODE=$1
     shift
     ;;
@@ -249,6 +251,19 @@ run_features() {
   return "$FAILED"
 }
 
+# The server at another revision against the server now, alike in everything else.
+run_against() {
+  local rev=${1:?usage: bench/run.sh against REV}
+  local tree="$BENCH_DIR/baseline"
+  rm -rf "$tree"
+  git -C "$ROOT" archive --format=tar --prefix=baseline/ "$rev" | tar -C "$BENCH_DIR" -xf -
+  A_VARS=(BENCH_SRC="$tree/src")
+  compare "at-${rev}" now
+  print_rows
+  ratio now "at-${rev}"
+  return "$FAILED"
+}
+
 # Start each peer once, unhurried, before run-all.sh: their first start installs dependencies
 # (npm ci, pip), which can outlast run-all's 60 s readiness window. Uses the peers' own start.sh
 # in run-all's writable copy, so run-all then finds the dependencies in place.
@@ -327,5 +342,6 @@ case "$MODE" in
     ;;
   backends) run_backends ;;
   features) run_features ;;
+  against) run_against "$@" ;;
   *) run_self ;;
 esac

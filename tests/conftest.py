@@ -276,6 +276,23 @@ class PostgresDatabases:
         base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
         return f"{base}/{name}"
 
+    @contextmanager
+    def offline(self, url: str) -> Iterator[None]:
+        """Database ``url`` refuses every connection, and the open ones are cut: an outage
+        of one database without stopping the shared server."""
+        name = url.rsplit("/", 1)[1]
+        with self.admin() as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        try:
+            yield
+        finally:
+            with self.admin() as conn:
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
     def drop_all(self) -> None:
         # The secret sweep searches their audit trails before they go.
         base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]

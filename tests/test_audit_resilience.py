@@ -158,22 +158,6 @@ def test_refusals_cannot_flood_the_log(tmp_path: Path) -> None:
         assert any("were recorded but not logged" in r["message"] for r in records)
 
 
-@contextmanager
-def database_offline(postgres: PostgresDatabases, url: str) -> Iterator[None]:
-    """The database refuses every connection, and the ones open are cut."""
-    name = url.rsplit("/", 1)[1]
-    with postgres.admin() as conn:
-        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-        )
-    try:
-        yield
-    finally:
-        with postgres.admin() as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-
-
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -188,7 +172,7 @@ def test_while_the_database_is_away_the_audit_queue_keeps_within_its_bytes(
     with audited_server(tmp_path, url, LEANAUTH_AUDIT_QUEUE_MB="1") as (env, server, app):
         before = rss_bytes(server.process.pid)
         scope = "s" * 15_000
-        with database_offline(postgres, url):
+        with postgres.offline(url):
             with httpx.Client(timeout=10) as client, ThreadPoolExecutor(8) as pool:
                 headers = {"content-type": "application/x-www-form-urlencoded"}
 
@@ -255,7 +239,7 @@ def test_an_unreachable_store_keeps_the_queue_and_a_full_queue_counts_its_drops(
         assert 0 < trail.queued < 500
         assert trail.dropped == 500 - trail.queued
         kept = trail.queued
-        with database_offline(postgres, url), pytest.raises(StoreError):
+        with postgres.offline(url), pytest.raises(StoreError):
             trail.flush()
         assert trail.queued == kept
         assert trail.flush() == kept

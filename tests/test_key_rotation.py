@@ -382,3 +382,28 @@ def lock_waiters(conn: Any, database: str) -> int:
         (database,),
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def test_a_key_activates_on_time_while_the_database_is_unreachable(
+    tmp_path: Path, postgres: PostgresDatabases
+) -> None:
+    """Keys activate with time, not with a change: a node that cannot reach its database at
+    the moment still switches to the new key (it used to go on signing with the old one)."""
+    url = postgres.create()
+    env = Env(
+        tmp_path,
+        extra={
+            **KEY_ENV,
+            "LEANAUTH_DATABASE_URL": url,
+            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
+        },
+    )
+    env.cli("init")
+    app = create_app(env, "--name", "Outage rotation", "--scopes", "api")
+    with serving(env) as server:
+        wait_until_known(server, app)
+        new_kid = env.cli("keys", "rotate")["kid"]
+        wait_for(lambda: new_kid in served_kids(server))
+        assert kid_of(new_token(server, app)) != new_kid
+        with postgres.offline(url):
+            wait_for(lambda: kid_of(new_token(server, app)) == new_kid, timeout=PREPUBLISH + 2)

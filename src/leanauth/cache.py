@@ -13,9 +13,10 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from leanauth.keys import KeyCipher, KeyRing
+from leanauth.keys import KeyCipher, KeyRing, StoredKey
 from leanauth.notify import ChangeListener
 from leanauth.store.base import Store, StoreError
 from leanauth.store.models import App, Credentials, Customer
@@ -77,6 +78,7 @@ class RegistryCache:
         self._last_full_load = 0.0
         self._task: asyncio.Task[None] | None = None
         self.keyring: KeyRing
+        self._keys: Sequence[StoredKey] = ()
 
     # Loading
 
@@ -88,7 +90,8 @@ class RegistryCache:
         self.longest_app_ttl = max(
             (c.app.token_ttl or 0 for c in self._clients.values()), default=0
         )
-        self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
+        self._keys = self._store.list_keys()
+        self.keyring = KeyRing(self._keys, self._cipher, now)
         self._revoked = {r.jti: r.expires_at for r in self._store.list_revoked(now)}
         self._customers.clear()
         self._change_cursor = cursor
@@ -114,17 +117,22 @@ class RegistryCache:
                 if revoked is not None:
                     self._revoked[revoked.jti] = revoked.expires_at
             self._change_cursor = change.change_id
-        # Retired keys leave the JWKS with time, not with a change: rebuild when due.
-        if keys_changed or self._keys_due(now):
-            self.keyring = KeyRing(self._store.list_keys(), self._cipher, now)
+        if keys_changed:
+            self._keys = self._store.list_keys()
+            self.keyring = KeyRing(self._keys, self._cipher, now)
         for client_id, client in list(self._clients.items()):
             if client.valid_until <= now:
                 self._reload_client(client_id, now)
         self._revoked = {jti: exp for jti, exp in self._revoked.items() if exp >= now}
         self.synced_at = time.monotonic()
 
-    def _keys_due(self, now: int) -> bool:
-        return now >= self.keyring.next_change_at
+    def follow_key_schedule(self) -> None:
+        """Keys activate and retired keys leave the JWKS with time, not with a change: rebuild
+        the ring from the keys in memory when that moment comes, so it happens on time even
+        while the store cannot be reached."""
+        now = int(time.time())
+        if now >= self.keyring.next_change_at:
+            self.keyring = KeyRing(self._keys, self._cipher, now)
 
     def _reload_client(self, client_id: str, now: int) -> None:
         credentials = self._store.get_credentials(client_id, now)
@@ -164,6 +172,7 @@ class RegistryCache:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=timeout)
             wake.clear()
+            self.follow_key_schedule()
             try:
                 await asyncio.to_thread(self.apply_changes)
             except StoreError as exc:

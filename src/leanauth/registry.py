@@ -139,11 +139,13 @@ def set_enabled(runtime: Runtime, client_id: str, enabled: bool) -> App:
 def revoke_app_tokens(runtime: Runtime, client_id: str) -> App:
     """End every token the app holds now: one not-before time for the app, not a row per
     token. The moment is the next whole second, since ``iat`` counts whole seconds: a token
-    issued in the current second may predate the revocation. Tokens the app asks for during
-    the rest of this second are issued from that moment (the token endpoint waits for it)."""
+    issued in the current second may predate the revocation. Returns once that moment has
+    come: a node that has not heard of the change yet then issues tokens that count (one that
+    has waits for it in the token endpoint)."""
     not_before = int(time.time()) + 1
     app = runtime.store.update_app(client_id, tokens_not_before=not_before)
     _audit(runtime, "app.revoke_tokens", client_id, not_before=not_before)
+    time.sleep(max(0.0, not_before - time.time()))
     return app
 
 

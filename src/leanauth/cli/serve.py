@@ -109,9 +109,12 @@ def demo_credentials(rt: Runtime) -> dict[str, Any] | None:
         "client_secret": created.client_secret,
     }
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Written whole under another name, then renamed: a reader never sees half a file.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(saved, handle)
+    os.replace(temporary, path)
     return saved
 
 

@@ -78,7 +78,9 @@ class SqlRecords(SqlBase):
     def _check_revocation_room(conn: Connection, revoked: RevokedToken, cap: int) -> None:
         c = schema.revoked_tokens.c
         live = select(func.count(), func.min(c.expires_at)).where(
-            c.client_id == revoked.client_id, c.expires_at >= revoked.revoked_at
+            c.client_id == revoked.client_id,
+            c.expires_at >= revoked.revoked_at,
+            c.jti != revoked.jti,
         )
         count, soonest = conn.execute(live).one()
         if count >= cap:
