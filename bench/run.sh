@@ -256,6 +256,7 @@ run_against() {
   local rev=${1:?usage: bench/run.sh against REV}
   local tree="$BENCH_DIR/baseline"
   rm -rf "$tree"
+  mkdir -p "$BENCH_DIR"
   git -C "$ROOT" archive --format=tar --prefix=baseline/ "$rev" | tar -C "$BENCH_DIR" -xf -
   A_VARS=(BENCH_SRC="$tree/src")
   compare "at-${rev}" now

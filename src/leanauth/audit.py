@@ -96,8 +96,13 @@ class AuditTrail:
         source: str | None = None,
         detail: dict[str, object] | None = None,
     ) -> None:
-        """Queue one event (cheap: the hot path calls this)."""
-        size = _size(client_id, source, detail)
+        """Queue one event (cheap: the hot path calls this). Detail names are the caller's
+        own words; values may be request text (bounded by the caller, and here again when a
+        row would pass ``MAX_ROW_CHARS``)."""
+        size = len(client_id or "") + len(source or "")
+        if detail is not None:
+            for value in detail.values():
+                size += len(value) if isinstance(value, str) else 8
         if size > MAX_ROW_CHARS or (detail is not None and len(detail) > MAX_DETAIL_ITEMS):
             client_id, source = bounded(client_id), bounded(source)
             detail = _bounded_detail(detail) if detail else detail

@@ -248,7 +248,9 @@ class SourceAddress:
 
     def __call__(self, scope: dict[str, Any], forwarded_for: bytes | None) -> str:
         client = scope.get("client")
-        peer = normalised(str(client[0])) if client else "unknown"
+        peer: str = client[0] if client else "unknown"
+        if peer.startswith("::ffff:"):
+            peer = normalised(peer)
         if not self._trusted or forwarded_for is None or not self._is_trusted(peer):
             return peer
         # Walk from the nearest hop back: the first address not a trusted proxy is the client.

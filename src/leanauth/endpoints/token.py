@@ -92,7 +92,8 @@ class TokenEndpoint(OAuthEndpoint):
         requested = parse_scope(attempt.scope)
         await authorize_scope(authenticated.client, requested, services.cache)
         services.usage.check(app, now)
-        await wait_for_not_before(app, now)
+        if app.tokens_not_before is not None:
+            await wait_for_not_before(app, now)
         token = services.issuer.issue(
             services.cache.keyring.signer, app.client_id, requested, app.token_ttl
         )
