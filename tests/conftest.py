@@ -155,6 +155,21 @@ class AppCredentials:
     raw: dict[str, Any]
 
 
+def installation(data_dir: Path, database_url: str, **extra: str) -> Env:
+    """A prepared installation (`leanauth init`) on ``database_url``, with a key-encryption
+    key of its own in the environment (as every node of a cluster shares one)."""
+    env = Env(
+        data_dir,
+        extra={
+            "LEANAUTH_DATABASE_URL": database_url,
+            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
+            **extra,
+        },
+    )
+    env.cli("init")
+    return env
+
+
 def create_app(env: Env, *args: str) -> AppCredentials:
     data = env.cli("apps", "create", *args)
     return AppCredentials(data["client_id"], data["client_secret"], data)

@@ -5,7 +5,6 @@ database is away, and refusals cannot flood the log. On SQLite and PostgreSQL.""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from conftest import (
     PostgresDatabases,
     Server,
     create_app,
+    installation,
     request_token,
     serving,
     wait_for,
@@ -38,26 +38,13 @@ FLUSHED_WITHIN = 3.5
 WRONG_SECRET = "lsk_" + "W" * 43
 
 
-def server_env(tmp_path: Path, database_url: str, **extra: str) -> Env:
-    env = Env(
-        tmp_path,
-        extra={
-            "LEANAUTH_DATABASE_URL": database_url,
-            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
-            "LEANAUTH_LOG_FORMAT": "json",
-            **RELAXED_THROTTLE,
-            **extra,
-        },
-    )
-    env.cli("init")
-    return env
-
-
 @contextmanager
 def audited_server(
     tmp_path: Path, database_url: str, **extra: str
 ) -> Iterator[tuple[Env, Server, AppCredentials]]:
-    env = server_env(tmp_path, database_url, **extra)
+    env = installation(
+        tmp_path, database_url, LEANAUTH_LOG_FORMAT="json", **RELAXED_THROTTLE, **extra
+    )
     app = create_app(env, "--name", "Audited", "--scopes", "api")
     with serving(env) as server:
         wait_until_known(server, app)

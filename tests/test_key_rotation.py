@@ -27,6 +27,7 @@ from conftest import (
     PostgresDatabases,
     Server,
     create_app,
+    installation,
     request_token,
     serving,
     start_server,
@@ -390,15 +391,7 @@ def test_a_key_activates_on_time_while_the_database_is_unreachable(
     """Keys activate with time, not with a change: a node that cannot reach its database at
     the moment still switches to the new key (it used to go on signing with the old one)."""
     url = postgres.create()
-    env = Env(
-        tmp_path,
-        extra={
-            **KEY_ENV,
-            "LEANAUTH_DATABASE_URL": url,
-            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
-        },
-    )
-    env.cli("init")
+    env = installation(tmp_path, url, **KEY_ENV)
     app = create_app(env, "--name", "Outage rotation", "--scopes", "api")
     with serving(env) as server:
         wait_until_known(server, app)

@@ -34,6 +34,7 @@ from conftest import (
     PostgresDatabases,
     Server,
     create_app,
+    installation,
     known_app,
     request_token,
     served_kids,
@@ -554,15 +555,7 @@ def test_a_secret_past_its_grace_is_refused_while_the_database_is_unreachable(
     """The old secret of a rotation leaked: its grace period ends while the database is
     down, and the server, unable to reload the app, must still stop accepting it on time."""
     url = postgres.create()
-    env = Env(
-        tmp_path,
-        extra={
-            **BASE_ENV,
-            "LEANAUTH_DATABASE_URL": url,
-            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
-        },
-    )
-    env.cli("init")
+    env = installation(tmp_path, url, **BASE_ENV)
     with serving(env) as server:
         old = known_app(env, server, "--scopes", "api")
         rotated_at = time.time()
@@ -597,16 +590,7 @@ def test_a_secret_past_its_grace_is_refused_while_the_database_is_unreachable(
 def test_revocations_per_app_are_capped(tmp_path: Path, database_url: str) -> None:
     """Each node keeps every live revocation in memory: one app revoking tokens without end
     would exhaust them. Past LEANAUTH_MAX_REVOCATIONS_PER_APP, 429 until one expires."""
-    env = Env(
-        tmp_path,
-        extra={
-            **BASE_ENV,
-            "LEANAUTH_DATABASE_URL": database_url,
-            "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
-            "LEANAUTH_MAX_REVOCATIONS_PER_APP": "3",
-        },
-    )
-    env.cli("init")
+    env = installation(tmp_path, database_url, **BASE_ENV, LEANAUTH_MAX_REVOCATIONS_PER_APP="3")
     with serving(env) as server:
         app = known_app(env, server, "--scopes", "api")
         other = known_app(env, server, "--scopes", "api")
