@@ -1,9 +1,13 @@
 """The in-process view of the registry that keeps the token hot path off the database.
 
-Apps with their secret hashes and the signing keys are loaded whole at start-up; customers
-are loaded on first use. A background task follows the store's change feed every
-``refresh_interval`` seconds and reloads exactly what changed, and re-reads everything every
-``FULL_REFRESH_INTERVAL`` seconds as a floor, in case a change was missed.
+Apps with their secret hashes, the signing keys, the revoked tokens and every customer's
+app (:mod:`leanauth.directory`) are loaded whole at start-up. A background task follows the
+store's change feed every ``refresh_interval`` seconds (at once when another node announces
+a change) and applies exactly what changed. As floors, in case a change was missed, apps,
+keys and revocations are re-read every ``REGISTRY_REFRESH_INTERVAL`` seconds, and everything,
+customers included, every ``FULL_LOAD_INTERVAL`` seconds, or when the feed could not be read
+for so long that it may have been pruned meanwhile. A new load is built aside and swapped in
+whole: the view is never empty.
 """
 
 from __future__ import annotations
@@ -12,19 +16,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from leanauth.directory import CustomerDirectory, NewIdLookups, id_key
 from leanauth.keys import KeyCipher, KeyRing, StoredKey
 from leanauth.notify import ChangeListener
 from leanauth.store.base import Store, StoreError
-from leanauth.store.models import App, Credentials, Customer
+from leanauth.store.models import App, Change, Credentials, Customer
+from leanauth.store.sqlbase import CHANGE_RETENTION
 
 log = logging.getLogger("leanauth.cache")
 
-FULL_REFRESH_INTERVAL = 60.0
-CUSTOMER_CACHE_SIZE = 100_000
+REGISTRY_REFRESH_INTERVAL = 60.0
+# Customers are many (a million takes a second or two to read): the change feed keeps them
+# current, and the full load is a rarer floor, well within the feed's retention.
+FULL_LOAD_INTERVAL = 1800.0
+STALE_FEED_AFTER = CHANGE_RETENTION / 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +77,14 @@ class RegistryCache:
         # highest value seen until the next full load, so a token is never judged against a
         # lifetime shorter than the one it was issued with.
         self.longest_app_ttl = 0
-        self._customers: OrderedDict[str, Customer] = OrderedDict()
+        self.directory = CustomerDirectory()
+        self._new_id_lookups = NewIdLookups()
         # Revoked token ids → their expiry; kept until then.
         self._revoked: dict[str, int] = {}
         # monotonic() of the last complete look at the store: how fresh this view is.
         self.synced_at = 0.0
         self._change_cursor = 0
-        self._last_full_load = 0.0
+        self._last_full_load = self._last_registry_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
         self.keyring: KeyRing
         self._keys: Sequence[StoredKey] = ()
@@ -83,9 +92,16 @@ class RegistryCache:
     # Loading
 
     def load(self) -> None:
-        """Read everything (blocking): at start-up and as the periodic floor."""
+        """Read everything (blocking): at start-up and as the rarest floor."""
+        as_of_ms = time.time_ns() // 1_000_000
         cursor = self._store.latest_change_id()
-        now = int(time.time())
+        self._reload_registry(int(time.time()))
+        self.directory.replace(self._store.customer_members(), as_of_ms)
+        self._change_cursor = cursor
+        self._last_full_load = self.synced_at = time.monotonic()
+
+    def _reload_registry(self, now: int) -> None:
+        """Apps with their secrets, the keys and the revocations, read whole."""
         self._clients = {c.app.client_id: _cached(c) for c in self._store.all_credentials(now)}
         self.longest_app_ttl = max(
             (c.app.token_ttl or 0 for c in self._clients.values()), default=0
@@ -93,38 +109,61 @@ class RegistryCache:
         self._keys = self._store.list_keys()
         self.keyring = KeyRing(self._keys, self._cipher, now)
         self._revoked = {r.jti: r.expires_at for r in self._store.list_revoked(now)}
-        self._customers.clear()
-        self._change_cursor = cursor
-        self._last_full_load = self.synced_at = time.monotonic()
+        self._last_registry_refresh = time.monotonic()
 
     def apply_changes(self) -> None:
-        """Reload what the change feed names (blocking; run in a worker thread)."""
-        if time.monotonic() - self._last_full_load >= FULL_REFRESH_INTERVAL:
+        """Apply what the change feed names (blocking; run in a worker thread)."""
+        moment = time.monotonic()
+        if (
+            moment - self._last_full_load >= FULL_LOAD_INTERVAL
+            or moment - self.synced_at >= STALE_FEED_AFTER
+        ):
             self.load()
             return
+        as_of_ms = time.time_ns() // 1_000_000
         changes = self._store.changes_since(self._change_cursor)
         now = int(time.time())
+        if moment - self._last_registry_refresh >= REGISTRY_REFRESH_INTERVAL:
+            self._reload_registry(now)  # what the changes below would reload, read whole
+        else:
+            self._apply_registry_changes(changes, now)
+        customers = {c.entity_id for c in changes if c.kind == "customer"}
+        if customers:
+            self._apply_customer_changes(customers)
+        if changes:
+            self._change_cursor = changes[-1].change_id
+        for client_id, client in list(self._clients.items()):
+            if client.valid_until <= now:
+                self._reload_client(client_id, now)
+        self._revoked = {jti: exp for jti, exp in self._revoked.items() if exp >= now}
+        self.directory.mark_current(as_of_ms)
+        self.synced_at = time.monotonic()
+
+    def _apply_registry_changes(self, changes: Sequence[Change], now: int) -> None:
+        """Apps, keys and revocations the changes name, reloaded one by one."""
         keys_changed = False
         for change in changes:
             if change.kind == "app":
                 self._reload_client(change.entity_id, now)
-            elif change.kind == "customer":
-                self._customers.pop(change.entity_id, None)
             elif change.kind == "key":
                 keys_changed = True
             elif change.kind == "revocation":
                 revoked = self._store.get_revoked(change.entity_id)
                 if revoked is not None:
                     self._revoked[revoked.jti] = revoked.expires_at
-            self._change_cursor = change.change_id
         if keys_changed:
             self._keys = self._store.list_keys()
             self.keyring = KeyRing(self._keys, self._cipher, now)
-        for client_id, client in list(self._clients.items()):
-            if client.valid_until <= now:
-                self._reload_client(client_id, now)
-        self._revoked = {jti: exp for jti, exp in self._revoked.items() if exp >= now}
-        self.synced_at = time.monotonic()
+
+    def _apply_customer_changes(self, customer_ids: set[str]) -> None:
+        """Customers added or removed: one read for the lot."""
+        found = {c.customer_id: c.client_id for c in self._store.get_customers(customer_ids)}
+        for customer_id in customer_ids:
+            owner = found.get(customer_id)
+            if owner is None:
+                self.directory.remove(id_key(customer_id))
+            else:
+                self.directory.add(id_key(customer_id), owner)
 
     def follow_key_schedule(self) -> None:
         """Keys activate and retired keys leave the JWKS with time, not with a change: rebuild
@@ -197,14 +236,34 @@ class RegistryCache:
         client = self._clients.get(client_id)
         return client is not None and client.app.token_is_current(issued_at)
 
-    async def customer(self, customer_id: str) -> Customer | None:
-        """A customer, from memory when seen before, else from the store (off the loop)."""
-        found = self._customers.get(customer_id)
-        if found is not None:
-            return found
+    def customer_added(self, customer: Customer) -> None:
+        """A customer this process created: known here at once, before the feed says so."""
+        self.directory.add(id_key(customer.customer_id), customer.client_id)
+
+    async def owns_customer(
+        self, client_id: str, customer_id: str, key: bytes, may_ask_store: bool = True
+    ) -> bool:
+        """Whether app ``client_id`` owns the customer: from memory, except for an id that
+        may name a customer created a moment ago on another node, which the store is asked
+        about (:class:`~leanauth.directory.NewIdLookups` bounds how often).
+
+        Raises :class:`~leanauth.store.base.StoreError` when the store cannot answer and
+        :class:`NewIdLookupsSpent` when the app has spent this second's look-ups."""
+        verdict = self.directory.owner(key, client_id)
+        if verdict is not None:
+            return verdict
+        lookups = self._new_id_lookups
+        if not may_ask_store or lookups.known_missing(key):
+            return False
+        if not lookups.allow(client_id, time.time()):
+            raise NewIdLookupsSpent
         found = await asyncio.to_thread(self._store.get_customer, customer_id)
-        if found is not None:
-            self._customers[customer_id] = found
-            if len(self._customers) > CUSTOMER_CACHE_SIZE:
-                self._customers.popitem(last=False)
-        return found
+        if found is None:
+            lookups.remember_missing(key)
+            return False
+        self.directory.add(key, found.client_id)
+        return found.client_id == client_id
+
+
+class NewIdLookupsSpent(Exception):
+    """An app asked about more possibly-new customer ids this second than it may."""

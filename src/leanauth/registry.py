@@ -182,6 +182,12 @@ def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Custo
     return customer
 
 
+def delete_customer(runtime: Runtime, client_id: str, customer_id: str) -> None:
+    """Remove a customer: its tokens can no longer be had (those issued live out their time)."""
+    runtime.store.delete_customer(client_id, customer_id.lower())
+    _audit(runtime, "customer.delete", client_id, customer_id=customer_id.lower())
+
+
 def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = False) -> StoredKey:
     """Publish a new signing key now; it signs after the pre-publication period
     (``immediately``: at once, for a compromised key: verifiers holding a cached JWKS will

@@ -22,6 +22,8 @@ CUSTOMER_PREFIX = "customer."
 class RequestedScope:
     scope_class: ScopeClass
     customer_id: str | None = None
+    # The customer id's 16 bytes, as the customer directory keys it.
+    customer_key: bytes | None = None
 
     @property
     def value(self) -> str:
@@ -41,21 +43,21 @@ def parse_scope(raw: str | None) -> RequestedScope:
         if any(c in raw for c in " \t\r\n"):
             raise InvalidScope("Request exactly one scope.")
         raise InvalidScope("Unknown scope; use 'api' or 'customer.<customer_id>'.")
-    return RequestedScope("customer", canonical_uuid(raw[len(CUSTOMER_PREFIX) :]))
+    value = parse_uuid(raw[len(CUSTOMER_PREFIX) :])
+    return RequestedScope("customer", str(value), value.bytes)
 
 
-def canonical_uuid(text: str) -> str:
-    """The lower-case hyphenated form of a UUID, accepting only that form in any case."""
+def parse_uuid(text: str) -> uuid.UUID:
+    """A UUID written in its hyphenated form, in any letter case (and no other form)."""
     if len(text) != 36:
         raise InvalidScope("The customer id must be a UUID.")
     try:
         value = uuid.UUID(text)
     except ValueError:
         raise InvalidScope("The customer id must be a UUID.") from None
-    canonical = str(value)
-    if canonical != text.lower():
+    if str(value) != text.lower():
         raise InvalidScope("The customer id must be a UUID.")
-    return canonical
+    return value
 
 
 def parse_scope_classes(text: str) -> frozenset[ScopeClass]:

@@ -90,6 +90,10 @@ class Settings:
     # address until the window ends (RFC 6749 §2.3.1 asks for brute-force protection).
     auth_failure_limit: str = "10 per minute"
     auth_failure_address_limit: str = "100 per minute"
+    # LEANAUTH_SCOPE_FAILURE_LIMIT: requests of an authenticated app refused for their scope
+    # (an unknown customer, say) allowed per app and process; past it those refusals get 429
+    # and the app's unknown customer ids are no longer looked up in the database.
+    scope_failure_limit: str = "600 per minute"
     # LEANAUTH_TRUSTED_PROXIES: comma list of proxy addresses or networks whose
     # X-Forwarded-For is believed; from anyone else the peer address is the source.
     trusted_proxies: tuple[str, ...] = ()
@@ -171,6 +175,7 @@ class Settings:
             auth_failure_address_limit=reader.rate(
                 "AUTH_FAILURE_ADDRESS_LIMIT", cls.auth_failure_address_limit
             ),
+            scope_failure_limit=reader.rate("SCOPE_FAILURE_LIMIT", cls.scope_failure_limit),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
             introspection_max_staleness=reader.number(
                 "INTROSPECTION_MAX_STALENESS", cls.introspection_max_staleness, 1, 3600

@@ -63,6 +63,7 @@ class FailureThrottle:
         self._local = FixedWindowRateLimiter(MemoryStorage())
         self._pair_limit = limits.parse(settings.auth_failure_limit)
         self._address_limit = limits.parse(settings.auth_failure_address_limit)
+        self._scope_limit = limits.parse(settings.scope_failure_limit)
         self._blocked: dict[BlockKey, float] = {}
         self._lock = threading.Lock()
         self._swept_at = 0.0
@@ -100,6 +101,24 @@ class FailureThrottle:
             return None
         return TooManyRequests(
             "Too many failed authentications; retry later.", retry_after=math.ceil(until - now)
+        )
+
+    def scope_blocked(self, client_id: str, now: float) -> bool:
+        """Whether the app has used up its allowance of refused scopes."""
+        return self._blocked.get(("scope", client_id), 0.0) > now
+
+    def refuse_scope(self, client_id: str, now: float) -> TooManyRequests | None:
+        """Count one request of an authenticated app refused for its scope; the 429 to
+        answer instead once the app has used up its allowance (in this process)."""
+        key: BlockKey = ("scope", client_id)
+        if not self.scope_blocked(client_id, now) and not self._local.hit(self._scope_limit, *key):
+            self.block(key, self._local.get_window_stats(self._scope_limit, *key).reset_time)
+        until = self._blocked_until((key,), now)
+        if until is None:
+            return None
+        return TooManyRequests(
+            "Too many requests for unknown or disallowed scopes; retry later.",
+            retry_after=math.ceil(until - now),
         )
 
     def _blocked_until(self, keys: tuple[BlockKey, ...], now: float) -> float | None:

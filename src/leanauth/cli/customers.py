@@ -50,5 +50,17 @@ def customers_list(client_id: str, as_json: bool) -> None:
         emit(as_json, [customer_json(c) for c in found], text)
 
 
+@customers.command("delete")
+@click.option("--app", "client_id", required=True, help="The app's client_id.")
+@click.argument("customer_id")
+@json_option
+def customers_delete(client_id: str, customer_id: str, as_json: bool) -> None:
+    """Remove a customer of an app: no more tokens for it, on every node within a second."""
+    with runtime() as rt:
+        registry.delete_customer(rt, client_id, customer_id)
+        data = {"client_id": client_id, "customer_id": customer_id.lower(), "deleted": True}
+        emit(as_json, data, f"customer {customer_id.lower()} deleted")
+
+
 def register(group: click.Group) -> None:
     group.add_command(customers)

@@ -84,6 +84,7 @@ class CustomersApi:
             )
         except StoreError:
             return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+        self._services.cache.customer_added(customer)
         return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})
 
     async def read(self, request: Request) -> Response:
@@ -102,8 +103,9 @@ class CustomersApi:
                 "The token is for another customer.",
                 f"customer.{customer_id}",
             ).response()
+        store = self._services.runtime.store
         try:
-            customer = await self._services.cache.customer(customer_id)
+            customer = await asyncio.to_thread(store.get_customer, customer_id)
         except StoreError:
             return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
         # Another app's customer is as unknown as a customer that does not exist.

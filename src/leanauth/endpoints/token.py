@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-from leanauth.cache import CachedClient, RegistryCache
+from leanauth.cache import CachedClient, NewIdLookupsSpent
 from leanauth.endpoints.oauthbase import (
     CLIENT_PARAMETERS,
     Attempt,
@@ -35,6 +35,7 @@ from leanauth.errors import (
     UnsupportedGrantType,
 )
 from leanauth.scopes import RequestedScope, parse_scope
+from leanauth.services import Services
 from leanauth.store.base import StoreError
 from leanauth.store.models import App
 
@@ -51,18 +52,26 @@ def check_grant_type(params: dict[str, str]) -> None:
 
 
 async def authorize_scope(
-    client: CachedClient, requested: RequestedScope, cache: RegistryCache
+    client: CachedClient, requested: RequestedScope, services: Services
 ) -> None:
-    if requested.scope_class not in client.app.scopes:
+    app = client.app
+    if requested.scope_class not in app.scopes:
         raise InvalidScope(f"This app may not request {requested.scope_class} tokens.")
-    if requested.customer_id is not None:
-        try:
-            customer = await cache.customer(requested.customer_id)
-        except StoreError as exc:
-            raise TemporarilyUnavailable(detail=str(exc)) from exc
+    if requested.customer_id is None or requested.customer_key is None:
+        return
+    # An app past its allowance of refused scopes causes no more look-ups in the store.
+    may_ask_store = not services.throttle.scope_blocked(app.client_id, time.time())
+    try:
+        owned = await services.cache.owns_customer(
+            app.client_id, requested.customer_id, requested.customer_key, may_ask_store
+        )
+    except StoreError as exc:
+        raise TemporarilyUnavailable(detail=str(exc)) from exc
+    except NewIdLookupsSpent:
+        raise TemporarilyUnavailable(detail="new customer look-ups spent") from None
+    if not owned:
         # A customer of another app is refused exactly as an unknown one.
-        if customer is None or customer.client_id != client.app.client_id:
-            raise InvalidScope("Unknown customer for this app.")
+        raise InvalidScope("Unknown customer for this app.")
 
 
 async def wait_for_not_before(app: App, now: float) -> None:
@@ -89,8 +98,14 @@ class TokenEndpoint(OAuthEndpoint):
         now = time.time()
         authenticated = self.authenticate(form, attempt, now)
         app = authenticated.client.app
-        requested = parse_scope(attempt.scope)
-        await authorize_scope(authenticated.client, requested, services.cache)
+        try:
+            requested = parse_scope(attempt.scope)
+            await authorize_scope(authenticated.client, requested, services)
+        except InvalidScope:
+            throttled = services.throttle.refuse_scope(app.client_id, now)
+            if throttled is not None:
+                raise throttled from None
+            raise
         services.usage.check(app, now)
         if app.tokens_not_before is not None:
             await wait_for_not_before(app, now)

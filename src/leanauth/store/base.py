@@ -5,7 +5,7 @@ Handlers never write SQL: they call this interface. Every method is one transact
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from leanauth.keys import StoredKey
@@ -84,6 +84,11 @@ class Store(Protocol):
     # Customers
     def create_customer(self, customer: Customer) -> None: ...
     def get_customer(self, customer_id: str) -> Customer | None: ...
+    def get_customers(self, customer_ids: Collection[str]) -> Sequence[Customer]: ...
+    def delete_customer(self, client_id: str, customer_id: str) -> None: ...
+    def customer_members(self) -> Iterator[tuple[str, bytes]]:
+        """Every app's customer ids: sorted 16-byte keys, joined in one ``bytes`` an app."""
+
     def list_customers(
         self, client_id: str, limit: int | None = None, after: str | None = None
     ) -> Sequence[Customer]: ...

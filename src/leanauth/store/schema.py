@@ -55,6 +55,7 @@ customers = Table(
     Column("app_user_id", String(255), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     UniqueConstraint("client_id", "app_user_id", name="uq_customers_app_user"),
+    Index("ix_customers_client_customer", "client_id", "customer_id"),
 )
 
 signing_keys = Table(

@@ -7,7 +7,7 @@ records of :mod:`leanauth.store.records` (revocations, usage, audit).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -283,6 +283,57 @@ class SqlRegistry(SqlBase):
         with self._read() as conn:
             row = conn.execute(select(schema.customers).where(c.customer_id == customer_id)).first()
         return _customer(row) if row else None
+
+    def get_customers(self, customer_ids: Collection[str]) -> Sequence[Customer]:
+        """The customers among ``customer_ids`` that exist (the change feed's batches)."""
+        c = schema.customers.c
+        found: list[Customer] = []
+        ids = sorted(customer_ids)
+        with self._read() as conn:
+            for start in range(0, len(ids), 500):
+                query = select(schema.customers).where(c.customer_id.in_(ids[start : start + 500]))
+                found += [_customer(r) for r in conn.execute(query)]
+        return found
+
+    def delete_customer(self, client_id: str, customer_id: str) -> None:
+        c = schema.customers.c
+        with self._write() as conn:
+            done = conn.execute(
+                schema.customers.delete().where(
+                    c.client_id == client_id, c.customer_id == customer_id
+                )
+            )
+            if done.rowcount == 0:
+                raise NotFound(f"app {client_id} has no customer {customer_id}")
+            self._record_change(conn, "customer", customer_id)
+
+    def customer_members(self) -> Iterator[tuple[str, bytes]]:
+        """Every app's customer ids as sorted 16-byte keys, one ``bytes`` an app (for the
+        directory each worker holds). PostgreSQL joins them itself; SQLite's rows are joined
+        here, read in index order a batch at a time."""
+        with self._read() as conn:
+            if conn.dialect.name == "postgresql":
+                rows = conn.exec_driver_sql(
+                    "SELECT client_id, string_agg(decode(replace(customer_id, '-', ''), 'hex'),"
+                    " ''::bytea ORDER BY customer_id COLLATE \"C\")"
+                    " FROM customers GROUP BY client_id"
+                )
+                for client_id, blob in rows:
+                    yield client_id, bytes(blob)
+                return
+            rows = conn.exec_driver_sql(
+                "SELECT client_id, customer_id FROM customers ORDER BY client_id, customer_id"
+            )
+            current, keys = None, bytearray()
+            while batch := rows.fetchmany(10_000):
+                for client_id, customer_id in batch:
+                    if client_id != current:
+                        if current is not None:
+                            yield current, bytes(keys)
+                        current, keys = client_id, bytearray()
+                    keys += bytes.fromhex(customer_id.replace("-", ""))
+            if current is not None:
+                yield current, bytes(keys)
 
     def list_customers(
         self, client_id: str, limit: int | None = None, after: str | None = None
