@@ -11,6 +11,10 @@
 #                                  (BENCH_BASELINE, a git revision) against the server now.
 #        bench/run.sh against REV  the server at git revision REV against the server now,
 #                                  with the same settings and bench app (a change's cost).
+#        bench/run.sh scale        a large registry (SCALE_APPS apps, SCALE_CUSTOMERS customers,
+#                                  bench/seed.py): customer tokens for random customers, for one
+#                                  hot customer and api tokens, alternating on one server, on
+#                                  SQLite and PostgreSQL (SCALE_BACKENDS); ratios, RSS, start-up.
 #        backends and features alternate the two servers for ROUNDS (3) rounds and compare
 #        the medians.
 # Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
@@ -34,7 +38,7 @@ export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
 
 MODE=self
 case "${1:-}" in
-  peers | backends | features | against)
+  peers | backends | features | against | scale)
     MODE=$1
     shift
     ;;
@@ -251,6 +255,99 @@ run_features() {
   return "$FAILED"
 }
 
+to_ms() { # to_ms 9.71ms|350.00us|1.02s: milliseconds
+  awk -v v="$1" 'BEGIN{n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /[0-9]s$/ && v !~ /ms$/) n*=1000; print n}'
+}
+
+# measure_scale LABEL [VAR=VALUE...]: a data dir seeded with a large registry, one server, and
+# ROUNDS rounds of hot-customer, random-customer and api loads on it. Req/s go to
+# RPS[LABEL-KIND] and p99s (ms) to P99[LABEL-KIND].
+declare -A P99=()
+measure_scale() {
+  local label=$1
+  shift
+  local port=${PORT:-18090} kind round
+  local url="http://127.0.0.1:${port}/oauth2/token" results="$BENCH_DIR/results" data="$BENCH_DIR/data"
+  mkdir -p "$results"
+  env "$@" "$SERVE" --prepare
+  local database="sqlite:///${data}/leanauth.db" var
+  for var in "$@"; do
+    case $var in BENCH_DATABASE_URL=*) database=${var#BENCH_DATABASE_URL=} ;; esac
+  done
+  LEANAUTH_DATABASE_URL=$database "$PYTHON" "$HERE/seed.py" --apps "${SCALE_APPS:-10000}"     --customers "${SCALE_CUSTOMERS:-1000000}" --ids-out "$data/customer-ids.txt"     --client-id "$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_id"])'       "$data/app.json")"
+  sed 's/scope=api$/scope=customer./' "$data/api.body" >"$data/customer-prefix.body"
+  # The hot customer goes through the same wrk script as the random ones, so that wrk (which
+  # shares the cores) spends the same on building each request in both.
+  "$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["customer_id"])' \
+    "$data/customer.json" >"$data/hot-customer-id.txt"
+  local began=$SECONDS
+  start_group "$BENCH_DIR/server-${label}.log" env "$@" BENCH_REUSE=1 "$SERVE" "$port"
+  local server=$STARTED_PID code=000
+  for _ in $(seq 1 240); do
+    code=$(post "$url" "$data/api.body")
+    [ "$code" = 200 ] && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.25
+  done
+  [ "$code" = 200 ] || { echo "${label} not ready: $BENCH_DIR/server-${label}.log" >&2; exit 1; }
+  echo "== ${label}: ready $((SECONDS - began)) s after start" >&2
+  for round in $(seq 1 "${ROUNDS:-3}"); do
+    for kind in hot random api; do
+      local out="$results/scale-${label}-${kind}-${round}.txt"
+      echo "== ${label} round ${round}: ${kind}" >&2
+      case $kind in
+        hot) WRK_BODY_PREFIX=$(<"$data/customer-prefix.body") WRK_IDS=$data/hot-customer-id.txt \
+          wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/random_customer.lua" \
+          "$url" >"$out" ;;
+        api) WRK_BODY=$(<"$data/api.body") wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" \
+          --latency -s "$HERE/token.lua" "$url" >"$out" ;;
+        random) WRK_BODY_PREFIX=$(<"$data/customer-prefix.body") WRK_IDS=$data/customer-ids.txt \
+          wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/random_customer.lua" \
+          "$url" >"$out" ;;
+      esac
+      local errs=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" sockerr)))
+      [ "$errs" -eq 0 ] || FAILED=1
+      RPS[$label-$kind]="${RPS[$label-$kind]:-} $(wrk_field "$out" rps)"
+      P99[$label-$kind]="${P99[$label-$kind]:-} $(to_ms "$(wrk_field "$out" p99)")"
+      ROWS+=("$(printf '%-22s %-10s %10s %10s %10s %8s %10s' "$label" "$kind" \
+        "$(wrk_field "$out" rps)" "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" "$errs" \
+        "$(wrk_field "$out" n)")")
+    done
+  done
+  echo "== ${label}: worker RSS (MB): $(ps -o rss= --ppid "$server" | awk '{printf "%.0f ", $1/1024}')" \
+    "supervisor: $(ps -o rss= -p "$server" | awk '{printf "%.0f", $1/1024}')" >&2
+  stop_group "$server"
+  STARTED=()
+}
+
+scale_ratios() { # scale_ratios LABEL
+  local label=$1
+  ratio "$label-random" "$label-hot"
+  ratio "$label-api" "$label-hot" | sed 's/^/(for scale) /'
+  local random hot
+  random=$(median <<<"${P99[$label-random]}")
+  hot=$(median <<<"${P99[$label-hot]}")
+  awk -v r="$random" -v h="$hot" -v l="$label" \
+    'BEGIN{printf "%s p99, random / hot customer: %.2f (%s ms / %s ms)\n", l, r/h, r, h}'
+}
+
+run_scale() {
+  local admin=${BENCH_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+  local name=leanauth_scale_$$ backend
+  for backend in ${SCALE_BACKENDS:-sqlite postgresql}; do
+    if [ "$backend" = postgresql ]; then
+      postgres_database "$admin" "$name" create
+      measure_scale postgresql BENCH_DATABASE_URL="${admin%/*}/${name}"
+      postgres_database "$admin" "$name" drop
+    else
+      measure_scale sqlite
+    fi
+  done
+  print_rows
+  for backend in ${SCALE_BACKENDS:-sqlite postgresql}; do scale_ratios "$backend"; done
+  return "$FAILED"
+}
+
 # The server at another revision against the server now, alike in everything else.
 run_against() {
   local rev=${1:?usage: bench/run.sh against REV}
@@ -344,5 +441,6 @@ case "$MODE" in
   backends) run_backends ;;
   features) run_features ;;
   against) run_against "$@" ;;
+  scale) run_scale ;;
   *) run_self ;;
 esac

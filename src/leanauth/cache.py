@@ -96,7 +96,14 @@ class RegistryCache:
         as_of_ms = time.time_ns() // 1_000_000
         cursor = self._store.latest_change_id()
         self._reload_registry(int(time.time()))
+        started = time.monotonic()
         self.directory.replace(self._store.customer_members(), as_of_ms)
+        log.info(
+            "customer directory loaded: %d customers in %.2fs, %.0f MB",
+            self.directory.size,
+            time.monotonic() - started,
+            self.directory.nbytes / 1e6,
+        )
         self._change_cursor = cursor
         self._last_full_load = self.synced_at = time.monotonic()
 

@@ -87,6 +87,23 @@ def _live(now: int) -> Any:
     return c.expires_at.is_(None) | (c.expires_at > now)
 
 
+MEMBERS_QUERY = (
+    "SELECT client_id, string_agg(decode(replace(customer_id, '-', ''), 'hex'), ''::bytea"
+    ' ORDER BY customer_id COLLATE "C") FROM customers GROUP BY client_id'
+)
+
+
+def _postgres_members(conn: Connection) -> Iterator[tuple[str, bytes]]:
+    """Each app's keys, joined by PostgreSQL, streamed a few apps at a time in binary: a
+    million customers are 16 MB that never sit in memory twice (hex text would double it)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor(name="leanauth_members", binary=True) as cursor:
+        cursor.itersize = 20
+        cursor.execute(MEMBERS_QUERY)
+        yield from cursor
+
+
 class SqlRegistry(SqlBase):
     # Apps
 
@@ -313,13 +330,7 @@ class SqlRegistry(SqlBase):
         here, read in index order a batch at a time."""
         with self._read() as conn:
             if conn.dialect.name == "postgresql":
-                rows = conn.exec_driver_sql(
-                    "SELECT client_id, string_agg(decode(replace(customer_id, '-', ''), 'hex'),"
-                    " ''::bytea ORDER BY customer_id COLLATE \"C\")"
-                    " FROM customers GROUP BY client_id"
-                )
-                for client_id, blob in rows:
-                    yield client_id, bytes(blob)
+                yield from _postgres_members(conn)
                 return
             rows = conn.exec_driver_sql(
                 "SELECT client_id, customer_id FROM customers ORDER BY client_id, customer_id"
