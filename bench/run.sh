@@ -262,7 +262,15 @@ to_ms() { # to_ms 9.71ms|350.00us|1.02s: milliseconds
 # measure_scale LABEL [VAR=VALUE...]: a data dir seeded with a large registry, one server, and
 # ROUNDS rounds of hot-customer, random-customer and api loads on it. Req/s go to
 # RPS[LABEL-KIND] and p99s (ms) to P99[LABEL-KIND].
-declare -A P99=()
+declare -A P99=() CPU=()
+# CPU time (clock ticks) the children of process $1 (a server's workers) have used.
+workers_ticks() {
+  local pid total=0
+  for pid in $(ps -o pid= --ppid "$1"); do
+    [ -r "/proc/$pid/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
 measure_scale() {
   local label=$1
   shift
@@ -295,6 +303,8 @@ measure_scale() {
     for kind in hot random api; do
       local out="$results/scale-${label}-${kind}-${round}.txt"
       echo "== ${label} round ${round}: ${kind}" >&2
+      local ticks_before
+      ticks_before=$(workers_ticks "$server")
       case $kind in
         hot) WRK_BODY_PREFIX=$(<"$data/customer-prefix.body") WRK_IDS=$data/hot-customer-id.txt \
           wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/random_customer.lua" \
@@ -307,6 +317,8 @@ measure_scale() {
       esac
       local errs=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" sockerr)))
       [ "$errs" -eq 0 ] || FAILED=1
+      CPU[$label-$kind]="${CPU[$label-$kind]:-} $(awk -v t=$(($(workers_ticks "$server") - ticks_before)) \
+        -v n="$(wrk_field "$out" n)" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')"
       RPS[$label-$kind]="${RPS[$label-$kind]:-} $(wrk_field "$out" rps)"
       P99[$label-$kind]="${P99[$label-$kind]:-} $(to_ms "$(wrk_field "$out" p99)")"
       ROWS+=("$(printf '%-22s %-10s %10s %10s %10s %8s %10s' "$label" "$kind" \
@@ -329,6 +341,11 @@ scale_ratios() { # scale_ratios LABEL
   hot=$(median <<<"${P99[$label-hot]}")
   awk -v r="$random" -v h="$hot" -v l="$label" \
     'BEGIN{printf "%s p99, random / hot customer: %.2f (%s ms / %s ms)\n", l, r/h, r, h}'
+  # Server CPU per request moves less with the machine's other load than req/s does.
+  random=$(median <<<"${CPU[$label-random]}")
+  hot=$(median <<<"${CPU[$label-hot]}")
+  awk -v r="$random" -v h="$hot" -v l="$label" -v rr="${CPU[$label-random]}" -v hr="${CPU[$label-hot]}" \
+    'BEGIN{printf "%s worker CPU per request, hot / random customer: %.2f (%s us / %s us; rounds:%s /%s)\n", l, h/r, h, r, hr, rr}'
 }
 
 run_scale() {

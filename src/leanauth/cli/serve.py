@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import click
-import uvicorn
 
 from leanauth import registry
 from leanauth.bootstrap import Runtime
@@ -43,21 +43,13 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
     warning = exposed_database_warning(settings.database_url)
     if warning:
         log.warning("%s", warning)
-    uvicorn.run(
-        "leanauth.app:serve_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        # Access logs are off: query strings can carry credentials, and the audit trail
-        # records requests without them.
-        access_log=False,
-        log_config=None,
-        log_level=settings.log_level,
-        server_header=False,
-        # The source address of a request is decided by LEANAUTH_TRUSTED_PROXIES alone.
-        proxy_headers=False,
-    )
+    # The settings were checked and the store prepared: this process now becomes the bare
+    # supervisor of the workers (leanauth.supervise), leaving all it imported behind.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    supervisor = [sys.executable, "-m", "leanauth.supervise", settings.host, str(settings.port)]
+    supervisor += [str(workers), settings.log_level, settings.log_format]
+    os.execv(sys.executable, supervisor)  # noqa: S606 (this interpreter, no shell)
 
 
 @click.command()
