@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Load leanauth's POST /oauth2/token with wrk, on loopback.
 #
-# Usage: bench/run.sh              (what `make bench` runs) leanauth alone: `api` tokens, then
-#                                  `customer.<id>` tokens; prints req/s, p50, p99 and errors.
+# Usage: bench/run.sh              (what `make bench` runs) leanauth alone on SQLite with a large
+#                                  registry (see scale): a hot customer, random customers and
+#                                  `api` tokens; prints req/s, p50, p99, errors and ratios.
 #        bench/run.sh peers [NAME...]   (or PEERS=1) leanauth and the peer servers side by side,
 #                                  through /work/shared/peers/run-all.sh (NAMEs: peers to run).
 #        bench/run.sh backends     leanauth on SQLite, then on PostgreSQL (BENCH_POSTGRES_URL,
@@ -205,9 +206,13 @@ compare() {
   done
 }
 
+# make bench: one server on SQLite with a large registry (SCALE_APPS, SCALE_CUSTOMERS): api
+# tokens, and customer tokens for random customers (what LinkSDK traffic looks like) beside
+# one hot customer.
 run_self() {
-  measure leanauth
+  ROUNDS=${ROUNDS:-1} measure_scale leanauth
   print_rows
+  scale_ratios leanauth
   return "$FAILED"
 }
 

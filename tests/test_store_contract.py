@@ -220,6 +220,42 @@ def test_customers(store: SqlStore) -> None:
     assert store.get_customer(str(uuid.uuid4())) is None
 
 
+def test_customer_members_are_each_apps_sorted_keys(store: SqlStore) -> None:
+    """What every worker's customer directory is loaded from: per app, its customer ids as
+    16-byte keys in byte order, in one bytes."""
+    app, _ = add_app(store, "One")
+    other, _ = add_app(store, "Two")
+    add_app(store, "No customers")
+    ids = {app.client_id: [str(uuid.uuid4()) for _ in range(40)], other.client_id: []}
+    ids[other.client_id] = [str(uuid.uuid4())]
+    for client_id, customer_ids in ids.items():
+        for n, customer_id in enumerate(customer_ids):
+            store.create_customer(Customer(customer_id, client_id, f"u-{n}", NOW))
+    members = dict(store.customer_members())
+    assert set(members) == set(ids)
+    for client_id, customer_ids in ids.items():
+        assert members[client_id] == b"".join(sorted(uuid.UUID(c).bytes for c in customer_ids))
+
+
+def test_customers_are_read_in_batches_and_deleted(store: SqlStore) -> None:
+    app, _ = add_app(store, "One")
+    other, _ = add_app(store, "Two")
+    mine = [Customer(str(uuid.uuid4()), app.client_id, f"u-{n}", NOW) for n in range(3)]
+    for customer in mine:
+        store.create_customer(customer)
+    asked = [mine[0].customer_id, mine[2].customer_id, str(uuid.uuid4())]
+    assert sorted(store.get_customers(asked), key=lambda c: c.app_user_id) == [mine[0], mine[2]]
+    before = store.latest_change_id()
+    with pytest.raises(NotFound):
+        store.delete_customer(other.client_id, mine[0].customer_id)
+    store.delete_customer(app.client_id, mine[0].customer_id)
+    assert store.get_customer(mine[0].customer_id) is None
+    changes = store.changes_since(before)
+    assert [(c.kind, c.entity_id) for c in changes] == [("customer", mine[0].customer_id)]
+    with pytest.raises(NotFound):
+        store.delete_customer(app.client_id, mine[0].customer_id)
+
+
 def test_first_key_is_stored_once(store: SqlStore, cipher: KeyCipher) -> None:
     first = new_stored_key("ES256", cipher, NOW)
     assert store.ensure_signing_key(first) is True
