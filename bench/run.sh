@@ -331,6 +331,20 @@ measure_scale() {
         "$(wrk_field "$out" n)")")
     done
   done
+  # Customers created during the run, each asked a token for at once (on whichever connection,
+  # so often the other worker): every answer must be a success.
+  local out="$results/scale-${label}-fresh.txt" api_token
+  api_token=$(curl -s -X POST "$url" -H 'Content-Type: application/x-www-form-urlencoded' \
+    --data-binary "@$data/api.body" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  echo "== ${label}: customers created during the run" >&2
+  WRK_BODY_PREFIX=$(<"$data/customer-prefix.body") WRK_API_TOKEN=$api_token \
+    wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/fresh_customer.lua" \
+    "$url" >"$out"
+  local errs=$(($(wrk_field "$out" non2xx) + $(wrk_field "$out" sockerr)))
+  [ "$errs" -eq 0 ] || FAILED=1
+  ROWS+=("$(printf '%-22s %-10s %10s %10s %10s %8s %10s' "$label" "fresh" \
+    "$(wrk_field "$out" rps)" "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" "$errs" \
+    "$(wrk_field "$out" n)")")
   echo "== ${label}: worker RSS (MB): $(ps -o rss= --ppid "$server" | awk '{printf "%.0f ", $1/1024}')" \
     "supervisor: $(ps -o rss= -p "$server" | awk '{printf "%.0f", $1/1024}')" >&2
   stop_group "$server"

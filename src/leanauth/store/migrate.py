@@ -12,12 +12,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+
+# Alembic is imported where it is used: a server's workers never migrate, and it would cost
+# each of them 12 MB (measured).
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # An arbitrary, fixed key for pg_advisory_lock: "leanauth" in ASCII.
@@ -29,6 +31,8 @@ class SchemaOutdated(RuntimeError):
 
 
 def _config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config  # noqa: PLC0415 (see the imports)
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -36,6 +40,8 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 (see the imports)
+
     head = ScriptDirectory.from_config(_config()).get_current_head()
     assert head is not None
     return head
@@ -43,6 +49,8 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
+        from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
         return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -81,6 +89,9 @@ def upgrade(engine: Engine, *, only_if_empty: bool = False) -> None:
     read under the lock, so a process never acts on a schema another one is migrating.
     """
     with _migration_lock(engine) as conn:
+        from alembic import command  # noqa: PLC0415
+        from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
         empty = MigrationContext.configure(conn).get_current_revision() is None
         if empty or not only_if_empty:
             command.upgrade(_config(conn), "head")

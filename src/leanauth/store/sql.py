@@ -116,21 +116,18 @@ def _sqlite_members(conn: Connection) -> Iterator[tuple[str, bytes]]:
     rows = driver.cursor()
     rows.execute("SELECT client_id, customer_id FROM customers ORDER BY client_id, customer_id")
     current: str | None = None
-    ids: list[str] = []
-    while batch := rows.fetchmany(50_000):
+    keys = bytearray()
+    # A batch at a time: a million id strings held at once would cost ~100 MB of a worker's
+    # memory for good (the allocator keeps it), for 16 MB of keys.
+    while batch := rows.fetchmany(20_000):
         for client_id, group in groupby(batch, key=itemgetter(0)):
             if client_id != current:
                 if current is not None:
-                    yield current, _keys(ids)
-                current, ids = client_id, []
-            ids.extend(map(itemgetter(1), group))
+                    yield current, bytes(keys)
+                current, keys = client_id, bytearray()
+            keys += bytes.fromhex("".join(map(itemgetter(1), group)).replace("-", ""))
     if current is not None:
-        yield current, _keys(ids)
-
-
-def _keys(customer_ids: list[str]) -> bytes:
-    """Canonical UUIDs, in order, as one run of 16-byte keys."""
-    return bytes.fromhex("".join(customer_ids).replace("-", ""))
+        yield current, bytes(keys)
 
 
 class SqlRegistry(SqlBase):
