@@ -209,6 +209,26 @@ def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> 
     return response
 
 
+def new_token(server: Server, creds: AppCredentials, scope: str = "api") -> str:
+    """A token the server grants (the test fails here if it does not)."""
+    response = request_token(server, creds, scope)
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """A token's claims, unverified (for tests that check them, not trust them)."""
+    import jwt
+
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+def kid_of(token: str) -> str:
+    import jwt
+
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
 def known_app(env: Env, server: Server, *args: str) -> AppCredentials:
     """A new app (uniquely named, ``apps create`` ARGS) once ``server`` has picked it up."""
     import uuid

@@ -22,6 +22,7 @@ from conftest import (
     Server,
     create_app,
     installation,
+    new_token,
     request_token,
     serving,
     start_server,
@@ -43,17 +44,11 @@ SLOW_POLL = {
 }
 
 
-def api_token(server: Server, app: AppCredentials) -> str:
-    response = request_token(server, app)
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
-
-
 def create_customer(server: Server, app: AppCredentials, app_user_id: str) -> str:
     response = httpx.post(
         server.url + "/customers/v1/",
         json={"app_user_id": app_user_id},
-        headers={"Authorization": f"Bearer {api_token(server, app)}"},
+        headers={"Authorization": f"Bearer {new_token(server, app)}"},
         timeout=10,
     )
     assert response.status_code == 201, response.text

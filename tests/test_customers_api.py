@@ -19,6 +19,7 @@ from conftest import (
     Env,
     Server,
     known_app,
+    new_token,
     request_token,
     serving,
     start_server,
@@ -54,20 +55,14 @@ def other(api_env: Env, api_server: Server) -> AppCredentials:
     return known_app(api_env, api_server, "--scopes", "api,customer")
 
 
-def token_of(server: Server, creds: AppCredentials, scope: str = "api") -> str:
-    response = request_token(server, creds, scope)
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
-
-
 @pytest.fixture(scope="module")
 def owner_token(api_server: Server, owner: AppCredentials) -> str:
-    return token_of(api_server, owner)
+    return new_token(api_server, owner)
 
 
 @pytest.fixture(scope="module")
 def other_token(api_server: Server, other: AppCredentials) -> str:
-    return token_of(api_server, other)
+    return new_token(api_server, other)
 
 
 @pytest.fixture
@@ -234,7 +229,7 @@ def test_body_over_4_kib_is_413(http: httpx.Client, owner_token: str) -> None:
 def test_customer_token_cannot_create(
     api_server: Server, http: httpx.Client, owner: AppCredentials, customers: tuple[str, str]
 ) -> None:
-    token = token_of(api_server, owner, f"customer.{customers[0]}")
+    token = new_token(api_server, owner, f"customer.{customers[0]}")
     assert_bearer_refusal(create(http, token), 403, "insufficient_scope")
 
 
@@ -273,7 +268,7 @@ def test_another_apps_customer_is_not_found(
 def test_customer_token_reads_its_own_customer(
     api_server: Server, http: httpx.Client, owner: AppCredentials, customers: tuple[str, str]
 ) -> None:
-    token = token_of(api_server, owner, f"customer.{customers[0]}")
+    token = new_token(api_server, owner, f"customer.{customers[0]}")
     response = http.get(BASE + customers[0], headers=bearer(token))
     assert response.status_code == 200, response.text
     assert response.json()["customer_id"] == customers[0]
@@ -282,7 +277,7 @@ def test_customer_token_reads_its_own_customer(
 def test_customer_token_of_another_customer_is_403(
     api_server: Server, http: httpx.Client, owner: AppCredentials, customers: tuple[str, str]
 ) -> None:
-    token = token_of(api_server, owner, f"customer.{customers[1]}")
+    token = new_token(api_server, owner, f"customer.{customers[1]}")
     response = http.get(BASE + customers[0], headers=bearer(token))
     assert_bearer_refusal(response, 403, "insufficient_scope")
 
@@ -295,7 +290,7 @@ def test_customer_token_of_another_app_is_refused(
     customers: tuple[str, str],
 ) -> None:
     foreign_customer = created_id(http, other_token)
-    token = token_of(api_server, other, f"customer.{foreign_customer}")
+    token = new_token(api_server, other, f"customer.{foreign_customer}")
     response = http.get(BASE + customers[0], headers=bearer(token))
     assert response.status_code in (403, 404), response.text
 
@@ -313,7 +308,7 @@ def test_malformed_customer_id_is_404(http: httpx.Client, owner_token: str, bad_
 def seven(api_env: Env, api_server: Server) -> tuple[str, list[str]]:
     """A fresh app's api token and its seven customers' ids, in creation order."""
     creds = known_app(api_env, api_server, "--scopes", "api,customer")
-    token = token_of(api_server, creds)
+    token = new_token(api_server, creds)
     with httpx.Client(base_url=api_server.url, timeout=10) as client:
         ids = [created_id(client, token, f"seven-{n}") for n in range(7)]
     return token, ids
@@ -375,7 +370,7 @@ def test_bad_paging_parameters_are_400(http: httpx.Client, owner_token: str, par
 def test_customer_token_cannot_list(
     api_server: Server, http: httpx.Client, owner: AppCredentials, customers: tuple[str, str]
 ) -> None:
-    token = token_of(api_server, owner, f"customer.{customers[0]}")
+    token = new_token(api_server, owner, f"customer.{customers[0]}")
     assert_bearer_refusal(http.get(BASE, headers=bearer(token)), 403, "insufficient_scope")
 
 
@@ -417,7 +412,7 @@ def test_garbage_token_is_401_invalid_token(
 def test_revoked_api_token_is_401(
     api_server: Server, http: httpx.Client, owner: AppCredentials, customers: tuple[str, str]
 ) -> None:
-    token = token_of(api_server, owner)
+    token = new_token(api_server, owner)
     assert create(http, token).status_code == 201
     form = {"token": token, "client_id": owner.client_id, "client_secret": owner.client_secret}
     revoked = http.post("/oauth2/revoke", data=form)
@@ -438,7 +433,7 @@ def disabled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server,
     running = start_server(env)
     try:
         creds = known_app(env, running, "--scopes", "api,customer")
-        yield running, token_of(running, creds)
+        yield running, new_token(running, creds)
     finally:
         running.stop()
 

@@ -25,8 +25,9 @@ from conftest import (
     Env,
     PostgresDatabases,
     Server,
+    claims_of,
     create_app,
-    request_token,
+    new_token,
     serving,
     start_server,
     wait_for,
@@ -82,16 +83,6 @@ def revoke(
     response = call(server, REVOKE, creds, token, method)
     assert response.headers["cache-control"] == "no-store"
     return response
-
-
-def new_token(server: Server, creds: AppCredentials, scope: str = "api") -> str:
-    response = request_token(server, creds, scope)
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    return dict(jwt.decode(token, options={"verify_signature": False}))
 
 
 def assert_error(response: httpx.Response, status: int, error: str) -> None:

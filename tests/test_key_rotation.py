@@ -28,6 +28,8 @@ from conftest import (
     Server,
     create_app,
     installation,
+    kid_of,
+    new_token,
     request_token,
     serving,
     start_server,
@@ -72,17 +74,6 @@ def kids(jwks: dict[str, Any]) -> set[str]:
 
 def served_kids(server: Server) -> set[str]:
     return kids(fetch_jwks(server))
-
-
-def new_token(server: Server, app: AppCredentials) -> str:
-    response = request_token(server, app)
-    assert response.status_code == 200, response.text
-    token: str = response.json()["access_token"]
-    return token
-
-
-def kid_of(token: str) -> str:
-    return str(jwt.get_unverified_header(token)["kid"])
 
 
 def verify(token: str, jwks: dict[str, Any], issuer: str) -> dict[str, Any]:
@@ -264,7 +255,9 @@ def test_killing_keys_rotate_at_any_moment_breaks_no_token(
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     states = [k["state"] for k in env.cli("keys", "list")]
     assert states.count("active") == 1
-    assert states.count("next") <= 1
+    # A rotation keeps a pending key due within a moment (a node whose clock runs ahead may
+    # sign with it already), so the last two rotations may leave two pending keys.
+    assert states.count("next") <= 2
     fresh = new_token(server, app)
     verify(fresh, fetch_jwks(server), server.url)
 

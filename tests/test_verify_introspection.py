@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from conftest import AppCredentials, Env, Server, known_app, request_token, wait_for
+from conftest import AppCredentials, Env, Server, known_app, new_token, wait_for
 from leanauth.verify import (
     Introspection,
     InvalidToken,
@@ -54,12 +54,6 @@ def is_refused(verifier: TokenVerifier, token: str, mode: str) -> bool:
 def resource_server_app(env: Env, server: Server) -> AppCredentials:
     """The resource server's own credentials: an app that may introspect any app's tokens."""
     return known_app(env, server, "--introspect")
-
-
-def new_token(server: Server, app: AppCredentials) -> str:
-    response = request_token(server, app)
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
 
 
 def revoke(server: Server, owner: AppCredentials, token: str) -> None:

@@ -68,7 +68,8 @@ def keys_rotate(alg: str | None, immediately: bool, as_json: bool) -> None:
         emit(as_json, phase_json(phase, now), f"new key {key.kid} ({key.alg}) signs from {when}")
 
 
-@keys.command("revoke")
+# A kid is base64url and may begin with "-": an unknown "option" is taken as the kid.
+@keys.command("revoke", context_settings={"ignore_unknown_options": True})
 @click.argument("kid")
 @json_option
 def keys_revoke(kid: str, as_json: bool) -> None:
