@@ -5,7 +5,8 @@
 #                                  registry (see scale): a hot customer, random customers and
 #                                  `api` tokens; prints req/s, p50, p99, errors and ratios.
 #        bench/run.sh peers [NAME...]   (or PEERS=1) leanauth and the peer servers side by side,
-#                                  through /work/shared/peers/run-all.sh (NAMEs: peers to run).
+#                                  through the peers harness's run-all.sh in PEERS_DIR (NAMEs:
+#                                  peers to run).
 #        bench/run.sh backends     leanauth on SQLite, then on PostgreSQL (BENCH_POSTGRES_URL,
 #                                  an admin URL; a throwaway database is made and dropped).
 #        bench/run.sh features     the server before throttling, quotas and the audit trail
@@ -21,7 +22,8 @@
 # Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
 #        BENCH_DIR=/tmp/leanauth-bench (data/ is wiped and re-made each run; raw wrk output in
 #        results/, server log in server.log)
-#        PEERS_DIR=/work/shared/peers PEERS_WORKDIR=/tmp/leanauth-peers PEERS_WARM=1
+#        PEERS_DIR (peers only: the harness's directory, with run-all.sh and one directory a
+#        peer) PEERS_WORKDIR=/tmp/leanauth-peers PEERS_WARM=1
 # Exit status: non-zero when the server does not start, a request fails or the server logs an error.
 set -euo pipefail
 
@@ -34,7 +36,7 @@ PYTHON=$(dirname "$LEANAUTH")/python
 DURATION=${DURATION:-15s}
 CONNS=${CONNS:-32}
 WRK_THREADS=${WRK_THREADS:-2}
-PEERS_DIR=${PEERS_DIR:-/work/shared/peers}
+PEERS_DIR=${PEERS_DIR:-}
 export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
 
 MODE=self
@@ -471,6 +473,7 @@ ensure_wrk
 echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)" >&2
 case "$MODE" in
   peers)
+    [ -x "$PEERS_DIR/run-all.sh" ] || { echo "set PEERS_DIR to the peers harness (run-all.sh)" >&2; exit 2; }
     "$SERVE" --prepare
     run_peers "$@"
     ;;
