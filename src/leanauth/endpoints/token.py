@@ -1,7 +1,7 @@
 """``POST /oauth2/token``: the client-credentials grant (RFC 6749 §3.2, §4.4, §5.1, §5.2).
 
 A thin ASGI handler rather than a Starlette route: this is the hot path, and the framework's
-routing and Request/Response objects cost 25-40% of its throughput (measured, DESIGN.md).
+routing and Request/Response objects cost 25-40% of its throughput (measured; bench/README.md).
 The request goes through a short list of named checks, then the token is issued:
 
     reject_other_methods → reject_secret_in_query → require_form_body → read_body →
