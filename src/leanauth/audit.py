@@ -55,10 +55,12 @@ def now_ms() -> int:
 
 
 def _size(client_id: str | None, source: str | None, detail: dict[str, object] | None) -> int:
-    """Characters of an event's text (numbers count 8)."""
+    """Characters of an event's text (numbers count 8; detail names are the caller's own
+    short words and are not counted)."""
     size = len(client_id or "") + len(source or "")
-    for name, value in (detail or {}).items():
-        size += len(name) + (len(value) if isinstance(value, str) else 8)
+    if detail is not None:
+        for value in detail.values():
+            size += len(value) if isinstance(value, str) else 8
     return size
 
 
@@ -99,10 +101,7 @@ class AuditTrail:
         """Queue one event (cheap: the hot path calls this). Detail names are the caller's
         own words; values may be request text (bounded by the caller, and here again when a
         row would pass ``MAX_ROW_CHARS``)."""
-        size = len(client_id or "") + len(source or "")
-        if detail is not None:
-            for value in detail.values():
-                size += len(value) if isinstance(value, str) else 8
+        size = _size(client_id, source, detail)
         if size > MAX_ROW_CHARS or (detail is not None and len(detail) > MAX_DETAIL_ITEMS):
             client_id, source = bounded(client_id), bounded(source)
             detail = _bounded_detail(detail) if detail else detail

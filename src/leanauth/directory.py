@@ -40,12 +40,6 @@ def id_key(customer_id: str) -> bytes:
     return bytes.fromhex(customer_id.replace("-", ""))
 
 
-def key_id(key: bytes) -> str:
-    """The canonical text of a 16-byte UUID."""
-    text = key.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
 def made_at_ms(key: bytes) -> int | None:
     """When a UUIDv7 was made (its first 48 bits, Unix milliseconds); None for another
     version, whose time cannot be told."""

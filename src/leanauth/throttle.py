@@ -154,7 +154,6 @@ class SharedCounter:
         self._subscriber = RedisSubscriber(url, BLOCKS_CHANNEL, self._on_block)
         self._pending: queue.Queue[Hits | None] = queue.Queue(MAX_PENDING)
         self._down_until = 0.0
-        self.skipped = 0  # failures counted locally only (Redis down or the queue full)
         self._thread = threading.Thread(target=self._run, name="leanauth-throttle", daemon=True)
 
     def start(self) -> None:
@@ -169,17 +168,15 @@ class SharedCounter:
         self._publisher.close()
 
     def count(self, hits: Hits) -> None:
-        """Queue one failure's hits (never blocks the request)."""
-        try:
+        """Queue one failure's hits (never blocks the request). With the queue full it is
+        counted in this process only, like any failure while Redis is away."""
+        with contextlib.suppress(queue.Full):
             self._pending.put_nowait(hits)
-        except queue.Full:
-            self.skipped += 1
 
     def _run(self) -> None:
         while (hits := self._pending.get()) is not None:
             if time.monotonic() < self._down_until:
-                self.skipped += 1
-                continue
+                continue  # counted in this process only while Redis is left alone
             try:
                 self._hit(hits)
             except (redis.RedisError, limits.errors.StorageError, OSError) as exc:
