@@ -16,6 +16,7 @@ import sys
 
 import uvicorn
 
+from leanauth.httpserver import LeanHttpProtocol
 from leanauth.logs import configure_logging
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> None:
         log_config=None,
         log_level=level,
         server_header=False,
+        http=LeanHttpProtocol,
         # The source address of a request is decided by LEANAUTH_TRUSTED_PROXIES alone.
         proxy_headers=False,
     )
