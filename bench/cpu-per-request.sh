@@ -25,7 +25,14 @@ stop() {
 }
 trap stop EXIT
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of one process
+# utime + stime of a process and its children (the supervisor's workers), living ones.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 
 load() { # load SECONDS OUTPUT
   WRK_BODY=$(<"$BENCH_DIR/data/api.body") \
@@ -46,7 +53,8 @@ measure() { # measure LABEL [VAR=VALUE...]: prints the server's CPU µs per requ
     sleep 0.5
   done
   [ "$code" = 200 ] || { echo "$label did not start: $BENCH_DIR/server-$label.log" >&2; exit 1; }
-  # serve.sh execs the server: with one worker, that process serves the requests.
+  # serve.sh execs the server: its process (and, since the supervisor starts workers as its
+  # children, theirs) serves the requests.
   load 3s /dev/null
   local before after requests
   before=$(cpu_ticks "$SERVER")

@@ -17,6 +17,9 @@
 #                                  bench/seed.py): customer tokens for random customers, for one
 #                                  hot customer and api tokens, alternating on one server, on
 #                                  SQLite and PostgreSQL (SCALE_BACKENDS); ratios, RSS, start-up.
+#        bench/run.sh tail         latency under load: api tokens as fast as CONNS connections
+#                                  go (full load), then paced at half that rate (bench/paced.lua);
+#                                  p50, p90 and p99 of each, for ROUNDS rounds.
 #        backends and features alternate the two servers for ROUNDS (3) rounds and compare
 #        the medians.
 # Env:   DURATION=15s CONNS=32 WRK_THREADS=2 PORT=18090 (peers: run-all's PORT, default 18080)
@@ -41,7 +44,7 @@ export PEERS_WORKDIR=${PEERS_WORKDIR:-/tmp/leanauth-peers}
 
 MODE=self
 case "${1:-}" in
-  peers | backends | features | against | scale)
+  peers | backends | features | against | scale | tail)
     MODE=$1
     shift
     ;;
@@ -117,30 +120,26 @@ wrk_field() { # wrk_field FILE rps|p50|p99|n|non2xx|sockerr
   esac
 }
 
-# measure LABEL [VAR=VALUE...]: prepare a data dir and serve it with serve.sh (VARs set for
-# it), load api then customer tokens; append rows to ROWS and the api req/s to RPS[LABEL].
-declare -A RPS=()
-A_VARS=()
-ROWS=()
-FAILED=0
-measure() {
+# start_bench LABEL [VAR=VALUE...]: prepare a data dir and start serve.sh (VARs set for it) on
+# PORT; returns once both bodies get a token. Sets BENCH_SERVER (its PID) and BENCH_URL.
+start_bench() {
   local label=$1
   shift
   local port=${PORT:-18090}
-  local url="http://127.0.0.1:${port}/oauth2/token"
-  local results="$BENCH_DIR/results"
+  BENCH_URL="http://127.0.0.1:${port}/oauth2/token"
   if port_in_use "$port"; then
     echo "port $port is in use: set PORT" >&2
     exit 1
   fi
-  mkdir -p "$results"
+  mkdir -p "$BENCH_DIR/results"
   env "$@" "$SERVE" --prepare
   start_group "$BENCH_DIR/server-${label}.log" env "$@" BENCH_REUSE=1 "$SERVE" "$port"
-  local server=$STARTED_PID code=000
+  BENCH_SERVER=$STARTED_PID
+  local code=000
   for _ in $(seq 1 60); do
-    code=$(post "$url" "$BENCH_DIR/data/api.body")
+    code=$(post "$BENCH_URL" "$BENCH_DIR/data/api.body")
     [ "$code" = 200 ] && break
-    kill -0 "$server" 2>/dev/null || break
+    kill -0 "$BENCH_SERVER" 2>/dev/null || break
     sleep 0.5
   done
   if [ "$code" != 200 ]; then
@@ -149,12 +148,23 @@ measure() {
     exit 1
   fi
   # Both bodies must give a token before anything is measured.
-  code=$(post "$url" "$BENCH_DIR/data/customer.body")
+  code=$(post "$BENCH_URL" "$BENCH_DIR/data/customer.body")
   if [ "$code" != 200 ]; then
     echo "customer token request: HTTP $code" >&2
     exit 1
   fi
+}
 
+# measure LABEL [VAR=VALUE...]: serve (start_bench), load api then customer tokens; append
+# rows to ROWS and the api req/s to RPS[LABEL].
+declare -A RPS=()
+A_VARS=()
+ROWS=()
+FAILED=0
+measure() {
+  local label=$1
+  start_bench "$@"
+  local url=$BENCH_URL server=$BENCH_SERVER results="$BENCH_DIR/results"
   local scope out errs
   for scope in api customer; do
     out="$results/${label}-${scope}.txt"
@@ -471,6 +481,46 @@ run_peers() {
 ensure_wrk
 # Other load on the machine skews every figure: show it, so that a reader can judge a run.
 echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)" >&2
+# Latency under load, one server: per round a full load (CONNS connections, each sending its
+# next request as soon as the last is answered) and an open load paced at half the full load's
+# rate. A closed load at full speed measures queueing as much as the server; the paced one
+# shows the pauses a client meets when the server is not saturated.
+run_tail() {
+  start_bench tail
+  local round out full half
+  local rows=()
+  for round in $(seq 1 "${ROUNDS:-3}"); do
+    out="$BENCH_DIR/results/tail-full-${round}.txt"
+    echo "== round ${round}: full load" >&2
+    WRK_BODY=$(<"$BENCH_DIR/data/api.body") \
+      wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/token.lua" "$BENCH_URL" >"$out"
+    full=$(wrk_field "$out" rps)
+    rows+=("$(tail_row "full" "$out")")
+    half=$(awk -v r="$full" 'BEGIN{printf "%d", r / 2}')
+    out="$BENCH_DIR/results/tail-half-${round}.txt"
+    echo "== round ${round}: paced at ${half} req/s" >&2
+    WRK_BODY=$(<"$BENCH_DIR/data/api.body") RATE=$half CONNS=$CONNS \
+      wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$HERE/paced.lua" "$BENCH_URL" >"$out"
+    rows+=("$(tail_row "half (${half}/s)" "$out")")
+  done
+  stop_group "$BENCH_SERVER"
+  STARTED=()
+  echo
+  echo "POST /oauth2/token (api), 2 workers; wrk -t${WRK_THREADS} -c${CONNS} -d${DURATION}" \
+    "on loopback, sharing the $(nproc) cores; $(date -u +%FT%TZ)"
+  printf '%-18s %10s %10s %10s %10s %8s\n' load req/s p50 p90 p99 errors
+  printf '%s\n' "${rows[@]}"
+  return "$FAILED"
+}
+
+tail_row() { # tail_row LABEL WRK-OUTPUT
+  local errs
+  errs=$(($(wrk_field "$2" non2xx) + $(wrk_field "$2" sockerr)))
+  [ "$errs" -eq 0 ] || FAILED=1
+  printf '%-18s %10s %10s %10s %10s %8s' "$1" "$(wrk_field "$2" rps)" "$(wrk_field "$2" p50)" \
+    "$(awk '$1=="90%"{print $2}' "$2")" "$(wrk_field "$2" p99)" "$errs"
+}
+
 case "$MODE" in
   peers)
     [ -x "$PEERS_DIR/run-all.sh" ] || { echo "set PEERS_DIR to the peers harness (run-all.sh)" >&2; exit 2; }
@@ -481,5 +531,6 @@ case "$MODE" in
   features) run_features ;;
   against) run_against "$@" ;;
   scale) run_scale ;;
+  tail) run_tail ;;
   *) run_self ;;
 esac

@@ -48,6 +48,8 @@ esac
 export LEANAUTH_DATABASE_URL=${BENCH_DATABASE_URL:-"sqlite:///${DATA}/leanauth.db"}
 export LEANAUTH_HOST=127.0.0.1
 export LEANAUTH_LOG_LEVEL=warning
+# No balancer to take the node out first: stop at once when the bench is done.
+export LEANAUTH_DRAIN_SECONDS=0
 unset LEANAUTH_ISSUER LEANAUTH_KEY_ENCRYPTION_KEY LEANAUTH_REDIS_URL
 # The key file lives in the data dir whatever the database (PostgreSQL has no "beside").
 export LEANAUTH_KEY_ENCRYPTION_KEY_FILE=$DATA/leanauth.kek

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,12 +59,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# One `leanauth init` at a time: nodes started together share one installation, and
+# CliRunner swaps the process's standard streams.
+_INIT_LOCK = threading.Lock()
+
+
 @dataclass
 class Env:
     """The environment of one leanauth installation: database, key file, settings."""
 
     data_dir: Path
     extra: dict[str, str] = field(default_factory=dict)
+    # Only `leanauth init` (or `db upgrade`) makes a database: the first command or server
+    # of an Env runs it when the database has no schema yet. False for tests of that refusal.
+    init_first: bool = True
+    _prepared: bool = field(default=False, init=False, repr=False)
+
+    def prepare(self) -> None:
+        """Run `leanauth init` if this installation's database has no schema yet."""
+        if not self.init_first or self._prepared:
+            return
+        with _INIT_LOCK:
+            if not self._prepared and not has_schema(self.vars["LEANAUTH_DATABASE_URL"]):
+                # With settings init refuses, so does the command that follows: it says why.
+                self.cli("init", expect_ok=False)
+            self._prepared = True
 
     @property
     def vars(self) -> dict[str, str]:
@@ -73,11 +93,15 @@ class Env:
             # A rotated key signs after a second (the pre-publication period), not minutes.
             "LEANAUTH_JWKS_MAX_AGE": "1",
             "LEANAUTH_KEY_PREPUBLISH": "1",
+            # Stopping a test server needs no time for a load balancer to notice.
+            "LEANAUTH_DRAIN_SECONDS": "0",
             **self.extra,
         }
 
     def cli(self, *args: str, expect_ok: bool = True) -> Any:
         """Run ``leanauth ARGS --json`` in process; return the parsed JSON output."""
+        if args[:1] != ("init",) and args[:2] != ("db", "upgrade"):
+            self.prepare()
         result = CliRunner().invoke(
             cli_main, [*args, "--json"], env=self.vars, catch_exceptions=False
         )
@@ -88,6 +112,17 @@ class Env:
             assert result.exit_code == 0, result.output
             return json.loads(result.stdout)
         return result
+
+
+def has_schema(database_url: str) -> bool:
+    """Whether a database holds a schema (any revision) or, for SQLite, exists at all."""
+    if database_url.startswith("sqlite"):
+        return Path(database_url.removeprefix("sqlite:///")).exists()
+    import psycopg
+
+    with psycopg.connect(database_url, connect_timeout=3) as conn:
+        row = conn.execute("SELECT to_regclass('alembic_version')").fetchone()
+    return row is not None and row[0] is not None
 
 
 @dataclass
@@ -121,7 +156,21 @@ class Server:
 def start_server(
     env: Env, port: int | None = None, *extra_args: str, issuer: str | None = None
 ) -> Server:
-    port = port or free_port()
+    if port is not None:
+        return _start_server(env, port, *extra_args, issuer=issuer)
+    # A port free_port() found free may be taken before the server binds it (by a client
+    # connection's own port, say): another one is tried then.
+    for _ in range(3):
+        try:
+            return _start_server(env, free_port(), *extra_args, issuer=issuer)
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc):
+                raise
+    return _start_server(env, free_port(), *extra_args, issuer=issuer)
+
+
+def _start_server(env: Env, port: int, *extra_args: str, issuer: str | None = None) -> Server:
+    env.prepare()
     variables = {**os.environ, **env.vars, "LEANAUTH_PORT": str(port)}
     if issuer:
         variables["LEANAUTH_ISSUER"] = issuer

@@ -56,6 +56,8 @@ def is_uuid(text: str) -> bool:
 
 def run_text(env: Env, *args: str) -> Result:
     """Run a command without --json (human output)."""
+    if args[:1] != ("init",):
+        env.prepare()
     return CliRunner().invoke(cli_main, list(args), env=env.vars, catch_exceptions=False)
 
 
@@ -508,6 +510,7 @@ def test_module_help_lists_every_command() -> None:
 def test_subprocess_cli_against_a_data_dir(tmp_path: Path) -> None:
     """The real process, --json, against a database of its own."""
     env = Env(tmp_path)
+    env.prepare()
     proc = leanauth_process("apps", "create", "--name", "Subprocess", "--json", extra_env=env.vars)
     assert proc.returncode == 0, proc.stderr
     created: dict[str, Any] = json.loads(proc.stdout)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,10 +118,29 @@ def test_a_customer_created_on_one_node_works_on_every_node_at_once(
         assert response.status_code == 200, response.text
 
 
-def test_nodes_started_at_once_on_an_empty_database_migrate_once_and_make_one_key(
+def upgrade_at_once(env: Env, count: int, command: str = "db upgrade") -> None:
+    """``leanauth COMMAND`` in ``count`` processes started together, as several nodes' deploy
+    steps may run it: every one must succeed."""
+    variables = {**os.environ, **env.vars}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "leanauth", *command.split()],
+            env=variables,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(count)
+    ]
+    for process in processes:
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output.decode(errors="replace")
+
+
+def test_nodes_upgraded_at_once_on_an_empty_database_migrate_once_and_make_one_key(
     tmp_path: Path, postgres: PostgresDatabases
 ) -> None:
     env = cluster_env(tmp_path, postgres)
+    upgrade_at_once(env, 3)
     servers = start_nodes(env, 3)
     try:
         kids = [served_kids(server) for server in servers]
@@ -135,8 +156,9 @@ def test_nodes_started_at_once_on_an_empty_database_migrate_once_and_make_one_ke
             server.stop()
 
 
-def test_sqlite_nodes_started_at_once_make_one_key(tmp_path: Path) -> None:
+def test_sqlite_installations_prepared_at_once_make_one_key(tmp_path: Path) -> None:
     env = Env(tmp_path)
+    upgrade_at_once(env, 3, "init")
     servers = start_nodes(env, 3)
     try:
         kids = [served_kids(server) for server in servers]
@@ -151,7 +173,7 @@ def test_a_server_refuses_an_outdated_schema(tmp_path: Path, postgres: PostgresD
     env = cluster_env(tmp_path, postgres)
     env.cli("init")
     with psycopg.connect(env.vars["LEANAUTH_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0000'")
+        conn.execute("UPDATE alembic_version SET version_num = '0003'")
     with pytest.raises(RuntimeError, match="leanauth db upgrade"):
         start_server(env)
 
@@ -215,6 +237,7 @@ def test_a_server_refuses_a_schema_one_migration_behind(tmp_path: Path) -> None:
         "revision": "0001",
         "head": head_revision(),
         "current": False,
+        "state": "behind",
     }
     assert env.cli("db", "upgrade")["revision"] == head_revision()
     server = start_server(env)

@@ -25,7 +25,7 @@ def _racer(path: str, barrier: Any, results: Any) -> None:
     try:
         settings = Settings.from_env({"LEANAUTH_KEY_ENCRYPTION_KEY_FILE": path})
         barrier.wait(timeout=10)
-        results.put(load_key_encryption_key(settings).hex())
+        results.put(load_key_encryption_key(settings, create=True).hex())
     except Exception as exc:
         results.put(f"failed: {exc!r}")
 

@@ -124,16 +124,14 @@ def test_unusable_database_location_is_one_line(tmp_path: Path) -> None:
 
 def test_unreadable_key_file_is_one_line(tmp_path: Path) -> None:
     """LEANAUTH_KEY_ENCRYPTION_KEY_FILE naming a directory: one line naming the setting."""
-    proc = run_leanauth(
-        tmp_path, {"LEANAUTH_KEY_ENCRYPTION_KEY_FILE": str(tmp_path)}, "apps", "list"
-    )
+    proc = run_leanauth(tmp_path, {"LEANAUTH_KEY_ENCRYPTION_KEY_FILE": str(tmp_path)}, "init")
     assert_one_line_error(proc, "LEANAUTH_KEY_ENCRYPTION_KEY_FILE")
 
 
 def test_key_file_without_a_key_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.kek"
     bad.write_text("not a key\n")
-    proc = run_leanauth(tmp_path, {"LEANAUTH_KEY_ENCRYPTION_KEY_FILE": str(bad)}, "serve")
+    proc = run_leanauth(tmp_path, {"LEANAUTH_KEY_ENCRYPTION_KEY_FILE": str(bad)}, "init")
     assert_one_line_error(proc, "LEANAUTH_KEY_ENCRYPTION_KEY_FILE")
     assert "not a key" not in proc.stderr
 

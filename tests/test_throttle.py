@@ -543,7 +543,13 @@ def dual_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
     arrive as ``::ffff:a.b.c.d``."""
     env = Env(
         tmp_path_factory.mktemp("dual-stack"),
-        extra={**LIMITS, "LEANAUTH_TRUSTED_PROXIES": "127.0.0.1", "LEANAUTH_HOST": "::"},
+        extra={
+            **LIMITS,
+            "LEANAUTH_TRUSTED_PROXIES": "127.0.0.1",
+            "LEANAUTH_HOST": "::",
+            # Required on an address that is not loopback.
+            "LEANAUTH_ISSUER": "https://auth.example.test",
+        },
     )
     running = start_server(env, None, "--workers", "2")
     try:

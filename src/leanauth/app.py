@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 
+from leanauth import metrics, requestid
 from leanauth.bootstrap import Runtime, open_runtime
 from leanauth.endpoints.customers import customers_routes
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
+from leanauth.endpoints.health import health_routes
 from leanauth.endpoints.oauth import oauth_routes
+from leanauth.endpoints.prometheus import metrics_routes
 from leanauth.endpoints.token import TokenEndpoint
 from leanauth.logs import configure_logging
+from leanauth.requestid import RequestIds
 from leanauth.services import (
     AUDIT_PRUNE_INTERVAL,
     FLUSH_INTERVAL,
@@ -35,16 +40,30 @@ class LeanAuthApp:
         self.cache = services.cache
         self._issuer_path = urlsplit(settings.issuer).path.rstrip("/")
         self.token_endpoint = TokenEndpoint(services)
+        proxies = services.source_address
+        self._request_ids = RequestIds(proxies.trusts if settings.trusted_proxies else None)
         jobs: list[tuple[float, Callable[[], None]]] = [
             (FLUSH_INTERVAL, services.flush),
             (AUDIT_PRUNE_INTERVAL, services.prune_audit_trail),
         ]
         if settings.key_rotation_days:
             jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
-        self._housekeeper = Housekeeper(jobs)
+        # Requests count in memory; the housekeeper's thread writes this process's snapshot
+        # once a second (and at exit) for a scrape to merge (leanauth.metrics says why).
+        directory = metrics.metrics_directory(settings.metrics_dir)
+        self.metrics = metrics.SnapshotWriter(directory, services.metrics_sample)
+        jobs.append((metrics.SNAPSHOT_INTERVAL, self.metrics.write))
+        self._housekeeper = Housekeeper(jobs, final=(self.metrics.write,))
+        # Set by the worker when a drain begins: readiness then fails at once.
+        self.draining = False
         routes = discovery_routes(settings, self.cache) + oauth_routes(services)
+        routes += health_routes(
+            self.cache, settings.introspection_max_staleness, lambda: self.draining
+        )
         if settings.customers_api:
             routes += customers_routes(services)
+        if not settings.metrics_port:
+            routes += metrics_routes(self.metrics)
         self.starlette = Starlette(routes=routes, lifespan=self._lifespan)
 
     @asynccontextmanager
@@ -65,6 +84,8 @@ class LeanAuthApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            started = perf_counter()
+            request_id = self._request_ids.assign(scope)
             path: str = scope["path"]
             # An issuer with a path (https://host/tenant) advertises its endpoints under that
             # path; they are served there as well as at the root.
@@ -73,7 +94,14 @@ class LeanAuthApp:
                 scope = {**scope, "path": path}
             if path == TOKEN_PATH:
                 await self.token_endpoint(scope, receive, send)
+                metrics.REQUEST_SECONDS.observe("token", perf_counter() - started)
                 return
+            try:
+                await self.starlette(scope, receive, requestid.sending_id(send, request_id))
+            finally:
+                elapsed = perf_counter() - started
+                metrics.REQUEST_SECONDS.observe(metrics.endpoint_of(path), elapsed)
+            return
         await self.starlette(scope, receive, send)
 
 
@@ -82,8 +110,8 @@ def create_app(settings: Settings | None = None) -> LeanAuthApp:
     return LeanAuthApp(open_runtime(settings, actor="server"))
 
 
-def serve_app() -> LeanAuthApp:
-    """Factory for ``leanauth serve`` workers: the parent process has prepared the store."""
-    settings = Settings.from_env()
+def serve_app(settings: Settings | None = None) -> LeanAuthApp:
+    """The application of a ``leanauth serve`` worker: the store was prepared before."""
+    settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
     return LeanAuthApp(open_runtime(settings, schema="none", actor="server"))

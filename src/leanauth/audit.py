@@ -29,6 +29,7 @@ from typing import Literal
 
 import orjson
 
+from leanauth import requestid
 from leanauth.safetext import MAX_FIELD, bounded
 from leanauth.store.base import RejectedRecords, Store
 from leanauth.store.models import AuditEvent
@@ -101,6 +102,9 @@ class AuditTrail:
         """Queue one event (cheap: the hot path calls this). Detail names are the caller's
         own words; values may be request text (bounded by the caller, and here again when a
         row would pass ``MAX_ROW_CHARS``)."""
+        request_id = requestid.CURRENT.get()
+        if request_id is not None:
+            detail = {**detail, "request_id": request_id} if detail else {"request_id": request_id}
         size = _size(client_id, source, detail)
         if size > MAX_ROW_CHARS or (detail is not None and len(detail) > MAX_DETAIL_ITEMS):
             client_id, source = bounded(client_id), bounded(source)
@@ -194,15 +198,19 @@ class AuditTrail:
                 if self._refusal_lines > MAX_REFUSAL_LINES:
                     self._unreported["suppressed"] += 1
                     continue
-            log.info("%s", orjson.dumps(audit_record(event)).decode())
+            record = audit_record(event)
+            log.info("%s", orjson.dumps(record).decode(), extra={"audit": record})
 
 
 def audit_record(event: AuditEvent) -> dict[str, object]:
+    seconds, millis = divmod(event.at_ms, 1000)
     return {
         "audit": event.kind,
         "outcome": event.outcome,
         "client_id": event.client_id,
         "source": event.source,
+        # The event's own time (the line is written up to a second later, by the flush).
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
         "at_ms": event.at_ms,
         **(event.detail or {}),
     }

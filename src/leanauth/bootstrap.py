@@ -15,9 +15,10 @@ from cryptography.exceptions import InvalidTag
 from leanauth.credentials import SecretHasher
 from leanauth.keys import KeyCipher, new_stored_key
 from leanauth.notify import RedisPublisher
+from leanauth.safetext import masked_url
 from leanauth.settings import Settings, SettingsError, decode_key
 from leanauth.store.base import Store
-from leanauth.store.engine import EngineOptions
+from leanauth.store.engine import EngineOptions, sqlite_file
 from leanauth.store.migrate import require_current
 from leanauth.store.sql import SqlStore
 
@@ -34,13 +35,24 @@ class Runtime:
     actor: str = "cli"
 
 
-def load_key_encryption_key(settings: Settings) -> bytes:
-    """The KEK from LEANAUTH_KEY_ENCRYPTION_KEY, else from its file (created 0600 if absent)."""
+def load_key_encryption_key(settings: Settings, *, create: bool = False) -> bytes:
+    """The KEK from LEANAUTH_KEY_ENCRYPTION_KEY, else from its file.
+
+    ``create`` (``init`` and ``db upgrade`` only): make the file, mode 0600, when it is
+    absent. Anywhere else a missing file is a mistake (a wrong path, a lost key): a new key
+    would open none of the signing keys, so it is refused rather than made.
+    """
     if settings.key_encryption_key is not None:
         return settings.key_encryption_key.value
     path = settings.kek_file()
     try:
         if not path.exists():
+            if not create:
+                raise SettingsError(
+                    f"{KEK_FILE_SETTING}: no key-encryption key file at {path}: set "
+                    f"{KEK_SETTING} or {KEK_FILE_SETTING} to this installation's key "
+                    "(`leanauth init` makes one for a new installation)"
+                )
             _create_key_file(path)
         key = decode_key(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -101,29 +113,65 @@ def check_key_encryption_key(settings: Settings, store: Store, cipher: KeyCipher
             ) from None
 
 
-SchemaMode = Literal["upgrade", "auto", "none"]
+SchemaMode = Literal["upgrade", "require", "none"]
 
 
-def open_runtime(settings: Settings, *, schema: SchemaMode = "auto", actor: str = "cli") -> Runtime:
-    """Open the store and make it ready.
+class NotInitialised(RuntimeError):
+    """No leanauth database where the settings point. Only ``init`` and ``db upgrade`` make
+    one: a mistyped LEANAUTH_DATABASE_URL must not become a new, empty registry."""
 
-    ``schema``: ``upgrade`` applies pending migrations; ``auto`` applies them to an empty
-    database and otherwise insists the schema is current (a server never runs on an old
-    schema); ``none`` touches nothing (for a process whose parent prepared the store).
-    Then, unless ``none``, makes the first signing key if there is none.
-    """
-    kek = load_key_encryption_key(settings)
+    def __init__(self, settings: Settings) -> None:
+        where = masked_url(settings.database_url)
+        super().__init__(f"no leanauth database at {where}: run `leanauth init` first")
+
+
+def open_store(settings: Settings, *, create: bool = False) -> SqlStore:
+    """The store, its schema untouched. Unless ``create``, an SQLite file must exist: merely
+    connecting would create it."""
+    path = sqlite_file(settings.database_url)
+    if not create and path is not None and not path.is_file():
+        raise NotInitialised(settings)
     options = EngineOptions(
         settings.db_pool_size, settings.db_connect_timeout, settings.db_statement_timeout
     )
     publisher = RedisPublisher(settings.redis_url) if settings.redis_url else None
-    store = SqlStore(settings.database_url, options, publish=publisher)
-    cipher = KeyCipher(kek)
+    return SqlStore(settings.database_url, options, publish=publisher)
+
+
+def require_schema(settings: Settings, store: SqlStore) -> None:
+    """Raise unless the database has this code's schema: :class:`NotInitialised` when it has
+    none, ``SchemaAhead`` or ``SchemaOutdated`` when it is at another revision."""
+    if store.schema_revision() is None:
+        raise NotInitialised(settings)
+    require_current(store.engine)
+
+
+def open_runtime(
+    settings: Settings, *, schema: SchemaMode = "require", actor: str = "cli"
+) -> Runtime:
+    """Open the store and make it ready.
+
+    ``schema``: ``upgrade`` (``init``, ``db upgrade``) may create the database and the
+    key-encryption key file, and applies pending migrations; ``require`` insists on a
+    database at this code's head and an existing key (a server never runs on another
+    schema); ``none`` checks nothing (for a process whose parent prepared the store).
+    Then, unless ``none``, makes the first signing key if there is none.
+    """
+    create = schema == "upgrade"
+    # init makes the key first: a key file it cannot make stops it before it makes a database.
+    kek = load_key_encryption_key(settings, create=True) if create else None
+    store = open_store(settings, create=create)
     try:
+        if create:
+            store.upgrade_schema()
+        elif schema == "require":
+            # The database before the key: a mistyped SQLite path misplaces both, and the
+            # database is what the operator needs to hear about.
+            require_schema(settings, store)
+        if kek is None:
+            kek = load_key_encryption_key(settings)
+        cipher = KeyCipher(kek)
         if schema != "none":
-            store.upgrade_schema(only_if_empty=schema == "auto")
-        if schema != "none":
-            require_current(store.engine)
             store.ensure_signing_key(new_stored_key(settings.signing_alg, cipher, int(time.time())))
             check_key_encryption_key(settings, store, cipher)
     except BaseException:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from leanauth import metrics
 from leanauth.directory import CustomerDirectory, NewIdLookups, id_key
 from leanauth.keys import KeyCipher, KeyRing, StoredKey
 from leanauth.notify import ChangeListener
@@ -237,6 +238,10 @@ class RegistryCache:
     def client(self, client_id: str) -> CachedClient | None:
         return self._clients.get(client_id)
 
+    @property
+    def app_count(self) -> int:
+        return len(self._clients)
+
     def token_is_current(self, client_id: str, issued_at: float) -> bool:
         """Whether a token of ``client_id`` issued at ``issued_at`` still counts: its app
         exists and is enabled, and has not revoked its tokens since."""
@@ -257,13 +262,17 @@ class RegistryCache:
         Raises :class:`~leanauth.store.base.StoreError` when the store cannot answer and
         :class:`NewIdLookupsSpent` when the app has spent this second's look-ups."""
         verdict = self.directory.owner(key, client_id)
-        if verdict is not None:
-            return verdict
         lookups = self._new_id_lookups
-        if not may_ask_store or lookups.known_missing(key):
+        if verdict is not None or lookups.known_missing(key):
+            metrics.CUSTOMER_LOOKUPS.inc("memory")
+            return bool(verdict)
+        if not may_ask_store:
+            metrics.CUSTOMER_LOOKUPS.inc("refused")
             return False
         if not lookups.allow(client_id, time.time()):
+            metrics.CUSTOMER_LOOKUPS.inc("refused")
             raise NewIdLookupsSpent
+        metrics.CUSTOMER_LOOKUPS.inc("store")
         found = await asyncio.to_thread(self._store.get_customer, customer_id)
         if found is None:
             lookups.remember_missing(key)

@@ -259,6 +259,8 @@ class KeyRing:
         if not active:
             raise LookupError("no usable signing key; run `leanauth keys rotate --immediately`")
         key = active[-1]
+        # When the signing key became active (its age is a metric).
+        self.active_since = key.activates_at
         self.signer = Signer(key.kid, key.alg, cipher.decrypt(key.kid, key.encrypted_private_key))
         # Newest first: verifiers that try keys in order find the signer's key soonest.
         published = [p.key.jwk() for p in reversed(phases) if p.published(now)]

@@ -15,9 +15,18 @@ import time
 
 import orjson
 
+from leanauth import requestid
 from leanauth.safetext import escape, escape_lines
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request that caused it (if any)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = requestid.CURRENT.get()
+        return True
 
 
 class PlainFormatter(logging.Formatter):
@@ -29,7 +38,9 @@ class PlainFormatter(logging.Formatter):
         super().__init__(PLAIN_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        return escape(super().formatMessage(record))
+        line = super().formatMessage(record)
+        request_id = getattr(record, "request_id", None)
+        return escape(f"{line} [request {request_id}]" if request_id else line)
 
     def formatException(self, ei: logging._SysExcInfoType) -> str:  # noqa: N802
         return _indented(super().formatException(ei))
@@ -51,6 +62,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        audit = getattr(record, "audit", None)
+        if audit is not None:
+            # An audit record is an object of the line, not a string inside its message.
+            entry["message"] = f"audit: {audit.get('audit')} {audit.get('outcome')}"
+            entry["audit"] = audit
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         try:
@@ -83,6 +102,7 @@ def _json_escaped(char: str) -> str:
 
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from leanauth import metrics
 from leanauth.errors import TooManyRequests
 from leanauth.store.base import Store
 from leanauth.store.models import App
@@ -61,6 +62,7 @@ class UsageCounter:
         for window, quota, per in ((hour, app.quota_hourly, "hour"), (day, app.quota_daily, "day")):
             used = self._totals.get((app.client_id, window.name), 0) + local
             if quota is not None and used >= quota:
+                metrics.QUOTA_REFUSALS.inc(per)
                 raise TooManyRequests(
                     f"This app may have {quota} tokens per {per} (UTC); cache and reuse them.",
                     retry_after=int(window.ends_at - now) + 1,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from leanauth import registry
+from leanauth import metrics, registry
 from leanauth.audit import AuditTrail
 from leanauth.bootstrap import Runtime
 from leanauth.cache import RegistryCache
@@ -61,11 +61,32 @@ class Services:
     def flush(self) -> None:
         """Write what requests recorded in memory to the store (blocking); what cannot be
         written now is kept for the next flush."""
-        for step in (self._flush_secret_use, self.usage.flush, self.audit.flush):
+        steps = (
+            ("secret_use", self._flush_secret_use),
+            ("usage", self.usage.flush),
+            ("audit", self.audit.flush),
+        )
+        for name, step in steps:
             try:
                 step()
             except Exception as exc:
+                metrics.BACKGROUND_WRITE_FAILURES.inc(name)
                 log.warning("background write failed (will retry): %s", exc)
+
+    def metrics_sample(self) -> dict[str, float]:
+        """The gauges (and the audit trail's own counts) for this process's metrics snapshot;
+        times as Unix times, turned into ages when rendered (so a stalled worker's age grows)."""
+        cache = self.cache
+        synced_ago = time.monotonic() - cache.synced_at
+        return {
+            metrics.AUDIT_QUEUED.name: self.audit.queued,
+            metrics.AUDIT_DROPPED.name: self.audit.dropped,
+            metrics.AUDIT_REJECTED.name: self.audit.rejected,
+            metrics.REGISTRY_STALENESS.name: time.time() - synced_ago,
+            metrics.REGISTRY_APPS.name: cache.app_count,
+            metrics.REGISTRY_CUSTOMERS.name: cache.directory.size,
+            metrics.SIGNING_KEY_AGE.name: cache.keyring.active_since,
+        }
 
     def _flush_secret_use(self) -> None:
         used, self.secret_use = self.secret_use, {}
@@ -93,10 +114,16 @@ class Services:
 
 
 class Housekeeper:
-    """Runs blocking background jobs in a worker thread, each on its own interval."""
+    """Runs blocking background jobs in a worker thread, each on its own interval, and the
+    ``final`` jobs once more when it stops (the last metrics snapshot)."""
 
-    def __init__(self, jobs: list[tuple[float, Callable[[], None]]]) -> None:
+    def __init__(
+        self,
+        jobs: list[tuple[float, Callable[[], None]]],
+        final: tuple[Callable[[], None], ...] = (),
+    ) -> None:
         self._jobs = jobs
+        self._final = final
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -108,6 +135,11 @@ class Housekeeper:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for job in self._final:
+            try:
+                await asyncio.to_thread(job)
+            except Exception:
+                log.exception("background job failed")
 
     @staticmethod
     async def _every(interval: float, job: Callable[[], None]) -> None:

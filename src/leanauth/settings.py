@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import difflib
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,10 +115,30 @@ class Settings:
     audit_retention_days: int = 90
     # LEANAUTH_CUSTOMERS_API: serve the Customers API (/customers/v1/) on this server.
     customers_api: bool = True
+    # LEANAUTH_DRAIN_SECONDS: on SIGTERM, seconds the node goes on serving while /readyz
+    # answers 503, so that load balancers take it out before it stops accepting.
+    drain_seconds: float = 5.0
+    # LEANAUTH_SHUTDOWN_TIMEOUT: after the drain, seconds requests already received may take
+    # to finish before the worker exits regardless.
+    shutdown_timeout: int = 10
+    # LEANAUTH_MAX_CONNECTIONS: open connections per worker; past it requests get 503.
+    max_connections: int = 2048
+    # LEANAUTH_KEEPALIVE_TIMEOUT: seconds an idle keep-alive connection is kept open.
+    keepalive_timeout: int = 5
+    # LEANAUTH_HEADER_TIMEOUT / LEANAUTH_BODY_TIMEOUT: seconds a client has to send a
+    # request's head (from its first byte, or from connecting) and then its body.
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
     # LEANAUTH_LOG_LEVEL: debug, info, warning or error.
     log_level: str = "info"
     # LEANAUTH_LOG_FORMAT: ``plain`` lines for people or ``json``, one object per line.
     log_format: str = "plain"
+    # LEANAUTH_METRICS_PORT: serve Prometheus metrics (every worker's, merged) on this port of
+    # LEANAUTH_HOST, from the supervisor; 0: at GET /metrics on the public port instead.
+    metrics_port: int = 0
+    # LEANAUTH_METRICS_DIR: where the workers of one node leave their metrics snapshots (the
+    # supervisor sets a fresh one per run); unset: a temporary directory of the process.
+    metrics_dir: Path | None = None
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -189,12 +210,25 @@ class Settings:
             audit_retention_days=reader.integer(
                 "AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36_500
             ),
+            metrics_port=reader.integer("METRICS_PORT", cls.metrics_port, 0, 65_535),
+            metrics_dir=reader.path("METRICS_DIR"),
+            drain_seconds=reader.number("DRAIN_SECONDS", cls.drain_seconds, 0, 600),
+            shutdown_timeout=reader.integer("SHUTDOWN_TIMEOUT", cls.shutdown_timeout, 1, 600),
+            max_connections=reader.integer("MAX_CONNECTIONS", cls.max_connections, 1, 1_000_000),
+            keepalive_timeout=reader.integer("KEEPALIVE_TIMEOUT", cls.keepalive_timeout, 1, 600),
+            header_timeout=reader.number("HEADER_TIMEOUT", cls.header_timeout, 0.1, 600),
+            body_timeout=reader.number("BODY_TIMEOUT", cls.body_timeout, 0.1, 600),
         )
         if settings.introspection_max_staleness < 2 * settings.refresh_interval:
             raise SettingsError(
                 "LEANAUTH_INTROSPECTION_MAX_STALENESS: must be at least twice "
                 f"LEANAUTH_REFRESH_INTERVAL ({settings.refresh_interval}), "
                 f"got {settings.introspection_max_staleness}"
+            )
+        if settings.metrics_port == settings.port:
+            raise SettingsError(
+                f"LEANAUTH_METRICS_PORT: must differ from LEANAUTH_PORT ({settings.port}); "
+                "0 serves /metrics on that port"
             )
         if settings.key_prepublish < settings.jwks_max_age:
             raise SettingsError(
@@ -333,3 +367,49 @@ class _Reader:
         if key is None:
             raise self._fail("KEY_ENCRYPTION_KEY", "expected 32 bytes in base64, base64url or hex")
         return Secret(key)
+
+
+class _NamesAsked(Mapping[str, str]):
+    """An empty environment that notes every name looked up in it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``LEANAUTH_*`` variable :meth:`Settings.from_env` reads, found by letting it
+    read an empty environment that notes each name: the list cannot fall behind the code."""
+    asked = _NamesAsked()
+    Settings.from_env(asked)
+    return frozenset(asked.names)
+
+
+# The test suite's own variables (tests/conftest.py): the servers it starts inherit them.
+_TEST_PREFIX = "LEANAUTH_TEST_"
+
+
+def unknown_variables(
+    environ: Mapping[str, str], also_known: Collection[str] = ()
+) -> list[tuple[str, str | None]]:
+    """The ``LEANAUTH_*`` names in ``environ`` that nothing reads, each with the known name
+    it is most likely a typo of (None when none is close)."""
+    known = known_variables() | set(also_known)
+    suffixes = {name.removeprefix("LEANAUTH_"): name for name in known}
+    unknown = []
+    for name in sorted(environ):
+        if not name.startswith("LEANAUTH_") or name in known or name.startswith(_TEST_PREFIX):
+            continue
+        # Compared without the prefix every name shares, which would make any two look alike.
+        close = difflib.get_close_matches(name.removeprefix("LEANAUTH_"), suffixes, 1, 0.75)
+        unknown.append((name, suffixes[close[0]] if close else None))
+    return unknown

@@ -36,6 +36,7 @@ import redis
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
+from leanauth import metrics
 from leanauth.errors import TooManyRequests
 from leanauth.notify import RedisSubscriber
 from leanauth.settings import Settings
@@ -99,6 +100,7 @@ class FailureThrottle:
             until = self._blocked_until(keys, now)
         if until is None:
             return None
+        metrics.THROTTLE_BLOCKS.inc("auth")
         return TooManyRequests(
             "Too many failed authentications; retry later.", retry_after=math.ceil(until - now)
         )
@@ -116,6 +118,7 @@ class FailureThrottle:
         until = self._blocked_until((key,), now)
         if until is None:
             return None
+        metrics.THROTTLE_BLOCKS.inc("scope")
         return TooManyRequests(
             "Too many requests for unknown or disallowed scopes; retry later.",
             retry_after=math.ceil(until - now),
@@ -261,6 +264,12 @@ class SourceAddress:
                 self._verdicts.clear()
             self._verdicts[address] = verdict
         return verdict
+
+    def trusts(self, peer: str) -> bool:
+        """Whether ``peer`` (a connection's address) is one of the trusted proxies."""
+        if peer.startswith("::ffff:"):
+            peer = normalised(peer)
+        return bool(self._trusted) and self._is_trusted(peer)
 
     def __call__(self, scope: dict[str, Any], forwarded_for: bytes | None) -> str:
         client = scope.get("client")

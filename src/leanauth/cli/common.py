@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -12,12 +14,21 @@ from typing import Any, NoReturn
 import click
 
 from leanauth import __version__
-from leanauth.bootstrap import Runtime, SchemaMode, open_runtime
+from leanauth.bootstrap import NotInitialised, Runtime, SchemaMode, open_runtime, open_store
 from leanauth.logs import configure_logging
 from leanauth.safetext import escape, escape_lines
-from leanauth.settings import Settings, SettingsError
+from leanauth.settings import Settings, SettingsError, unknown_variables
 from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
-from leanauth.store.migrate import SchemaOutdated
+from leanauth.store.migrate import SchemaAhead, SchemaOutdated
+from leanauth.store.sql import SqlStore
+
+# The exit status of every command, `serve` included, on a database a newer release has
+# migrated: restarting cannot help, so a systemd unit lists it in RestartPreventExitStatus=.
+# Not 1 (every other error), 2 (click's usage errors) or 3 (uvicorn's start-up failure);
+# 78 is EX_CONFIG of sysexits.h.
+EXIT_SCHEMA_AHEAD = 78
+
+log = logging.getLogger("leanauth.cli")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
@@ -28,11 +39,11 @@ def main() -> None:
     """leanauth: OAuth 2.0 client-credentials tokens for the Lean Authentication API."""
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = 1) -> NoReturn:
     """One ``error:`` line on stderr. The message may quote input (a client id, a path), so
     it is escaped whole: a newline in it cannot add a line, an escape sequence cannot act."""
     click.echo(f"error: {escape(message)}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def emit(as_json: bool, data: Any, text: str) -> None:
@@ -42,15 +53,78 @@ def emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else escape_lines(text))
 
 
-@contextmanager
-def runtime(schema: SchemaMode = "auto") -> Iterator[Runtime]:
-    """The settings and the store, with one-line errors for everything an operator can fix."""
+def load_settings() -> Settings:
+    """The settings, or one error line; logging set up as they say (admin changes are
+    emitted as audit log lines on stderr, like the server's); unknown ``LEANAUTH_*``
+    variables named in a warning."""
     try:
-        rt = open_runtime(Settings.from_env(), schema=schema)
-    except (SettingsError, StoreError, SchemaOutdated) as exc:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        # A misspelt name may be why the value is wrong: said too, in plain lines like the
+        # error's (the settings that choose the log format are what failed).
+        configure_logging("info", "plain")
+        warn_unknown_variables()
         fail(str(exc))
-    # Admin changes are emitted as audit log lines on stderr, like the server's.
-    configure_logging(rt.settings.log_level, rt.settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
+    # Alembic's info lines (plugins set up, each migration run) are noise to an operator.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warn_unknown_variables()
+    return settings
+
+
+def warn_unknown_variables() -> None:
+    """A warning for each ``LEANAUTH_*`` variable nothing reads (a typo's setting would
+    silently keep its default). Never its value, which may be a secret."""
+    for name, likely in unknown_variables(os.environ, option_variables(main)):
+        hint = f" (did you mean {likely}?)" if likely else ""
+        log.warning("unknown setting %s ignored%s", name, hint)
+
+
+def option_variables(group: click.Group) -> set[str]:
+    """The variables the commands' own options read (``token``'s LEANAUTH_CLIENT_ID, ...)."""
+    names: set[str] = set()
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            names |= option_variables(command)
+        for param in command.params:
+            envvar = param.envvar
+            names.update([envvar] if isinstance(envvar, str) else envvar or ())
+    return names
+
+
+def refusal(exc: Exception) -> NoReturn:
+    """The one line for a store that cannot be used as it is, with its exit status."""
+    fail(str(exc), EXIT_SCHEMA_AHEAD if isinstance(exc, SchemaAhead) else 1)
+
+
+# What an operator can fix before a command can run on the store.
+REFUSALS = (SettingsError, StoreError, SchemaOutdated, SchemaAhead, NotInitialised)
+
+
+@contextmanager
+def store_only(settings: Settings) -> Iterator[SqlStore]:
+    """The store alone, neither the key-encryption key nor the schema checked: for commands
+    that only look at the schema (its revision, a backup). It makes no database either."""
+    try:
+        store = open_store(settings)
+    except REFUSALS as exc:
+        refusal(exc)
+    try:
+        yield store
+    except REFUSALS as exc:
+        refusal(exc)
+    finally:
+        store.close()
+
+
+@contextmanager
+def runtime(schema: SchemaMode = "require", settings: Settings | None = None) -> Iterator[Runtime]:
+    """The settings and the store, with one-line errors for everything an operator can fix."""
+    settings = settings or load_settings()
+    try:
+        rt = open_runtime(settings, schema=schema)
+    except REFUSALS as exc:
+        refusal(exc)
     try:
         yield rt
     except (NotFound, AlreadyExists, Conflict, ValueError, StoreError) as exc:

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import click
 
 from leanauth import registry
 from leanauth.bootstrap import Runtime
-from leanauth.cli.common import emit, json_option, runtime
-from leanauth.logs import configure_logging
+from leanauth.cli.common import emit, fail, json_option, load_settings, runtime
 from leanauth.safetext import masked_url
+from leanauth.settings import Settings
 from leanauth.store.engine import exposed_database_warning
 
 log = logging.getLogger("leanauth.serve")
+
+
+def guessed_issuer(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """Why the server must not start with an issuer guessed from the address it listens on:
+    on any but a loopback address clients reach it by another name (a DNS name, a load
+    balancer's), and every token would name ``http://0.0.0.0:8000``, say, as its issuer,
+    which no verifier expects. None when LEANAUTH_ISSUER is set or the address is loopback."""
+    if environ.get("LEANAUTH_ISSUER", "").strip() or is_loopback(settings.host):
+        return None
+    return (
+        f"LEANAUTH_ISSUER: must be set when serving on {settings.host}, which is not a "
+        "loopback address: set it to the URL clients reach this server at, such as "
+        f"https://auth.example.com (unset, tokens would name {settings.issuer} as issuer)"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: reached by that name, not by a loopback address
 
 
 @click.command()
@@ -28,7 +53,7 @@ log = logging.getLogger("leanauth.serve")
 )
 @json_option
 def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> None:
-    """Run the server (migrates an empty database and makes the first signing key)."""
+    """Run the server on a database `leanauth init` or `leanauth db upgrade` prepared."""
     if host:
         os.environ["LEANAUTH_HOST"] = host
     if port:
@@ -36,9 +61,12 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
     if as_json:
         os.environ["LEANAUTH_LOG_FORMAT"] = "json"
     # Workers are separate processes that read the same environment.
-    with runtime() as rt:
+    settings = load_settings()
+    refused = guessed_issuer(settings, os.environ)
+    if refused:
+        fail(refused)
+    with runtime(settings=settings) as rt:
         settings = rt.settings
-    configure_logging(settings.log_level, settings.log_format)
     # Once, here in the parent: the workers open the same file.
     warning = exposed_database_warning(settings.database_url)
     if warning:
@@ -47,8 +75,17 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
     # supervisor of the workers (leanauth.supervise), leaving all it imported behind.
     sys.stdout.flush()
     sys.stderr.flush()
-    supervisor = [sys.executable, "-m", "leanauth.supervise", settings.host, str(settings.port)]
-    supervisor += [str(workers), settings.log_level, settings.log_format]
+    plan = {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": workers,
+        "log_level": settings.log_level,
+        "log_format": settings.log_format,
+        "drain_seconds": settings.drain_seconds,
+        "shutdown_timeout": settings.shutdown_timeout,
+        "metrics_port": settings.metrics_port,
+    }
+    supervisor = [sys.executable, "-m", "leanauth.supervise", json.dumps(plan)]
     os.execv(sys.executable, supervisor)  # noqa: S606 (this interpreter, no shell)
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import click
 import httpx
 
-from leanauth.cli.common import emit, fail, json_option
-from leanauth.settings import Settings, SettingsError
+from leanauth.cli.common import emit, fail, json_option, load_settings, warn_unknown_variables
+from leanauth.logs import configure_logging
 
 
 @click.command()
@@ -27,10 +27,12 @@ def token(
     client_id: str, client_secret: str, scope: str, url: str | None, decode: bool, as_json: bool
 ) -> None:
     """Ask a running server for a token."""
-    try:
-        base = url or Settings.from_env().issuer
-    except SettingsError as exc:
-        fail(str(exc))
+    if url is None:
+        base = load_settings().issuer
+    else:
+        base = url  # no setting is needed, but a misspelt one is still worth a word
+        configure_logging("info", "plain")
+        warn_unknown_variables()
     form = {
         "grant_type": "client_credentials",
         "scope": scope,

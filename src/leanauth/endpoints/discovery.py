@@ -1,4 +1,4 @@
-"""Discovery: the JWKS (RFC 7517), authorization-server metadata (RFC 8414) and health."""
+"""Discovery: the JWKS (RFC 7517) and authorization-server metadata (RFC 8414)."""
 
 from __future__ import annotations
 
@@ -54,16 +54,9 @@ def discovery_routes(settings: Settings, cache: RegistryCache) -> list[Route]:
     async def metadata(_: Request) -> Response:
         return Response(metadata_body, media_type="application/json", headers=cacheable)
 
-    async def healthz(_: Request) -> Response:
-        body = {"status": "ok", "signing_key": cache.keyring.signer.kid}
-        return Response(
-            orjson.dumps(body), media_type="application/json", headers={"cache-control": "no-store"}
-        )
-
     routes = [
         Route(JWKS_PATH, jwks, methods=["GET"]),
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
     ]
     routes += [Route(path, metadata, methods=["GET"]) for path in metadata_paths(settings)]
     return routes

@@ -14,6 +14,7 @@ import jwt
 import orjson
 from starlette.routing import Route
 
+from leanauth import metrics
 from leanauth.endpoints.oauthbase import (
     CLIENT_PARAMETERS,
     Attempt,
@@ -121,6 +122,7 @@ class RevocationEndpoint(TokenCheckEndpoint):
         now = time.time()
         caller, claims = await self.caller_and_token(scope, receive, attempt, now, expired=True)
         if claims is None or claims["exp"] < now:
+            metrics.REVOCATIONS.inc("not_revoked")
             services.audit.record("revocation", "not_revoked", caller.client_id, attempt.source)
             return b""
         if claims["client_id"] != caller.client_id:
@@ -137,6 +139,7 @@ class RevocationEndpoint(TokenCheckEndpoint):
         except StoreError as exc:
             raise TemporarilyUnavailable(detail=str(exc)) from exc
         services.cache.add_revoked(revoked.jti, revoked.expires_at)
+        metrics.REVOCATIONS.inc("revoked")
         detail = {"jti": revoked.jti, "exp": revoked.expires_at}
         services.audit.record("revocation", "revoked", caller.client_id, attempt.source, detail)
         return b""
@@ -157,14 +160,17 @@ class IntrospectionEndpoint(TokenCheckEndpoint):
             caller.introspect or claims["client_id"] == caller.client_id
         )
         if claims is None or not allowed:
+            metrics.INTROSPECTIONS.inc("inactive")
             services.audit.record("introspection", "inactive", caller.client_id, attempt.source)
             return orjson.dumps({"active": False})
         staleness = time.monotonic() - services.cache.synced_at
         if staleness > services.runtime.settings.introspection_max_staleness:
             raise TemporarilyUnavailable(detail=f"revocation list {staleness:.0f}s old")
         if current_claims(services, claims) is None:
+            metrics.INTROSPECTIONS.inc("inactive")
             services.audit.record("introspection", "inactive", caller.client_id, attempt.source)
             return orjson.dumps({"active": False})
+        metrics.INTROSPECTIONS.inc("active")
         services.audit.record(
             "introspection", "active", caller.client_id, attempt.source, {"jti": claims["jti"]}
         )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote_plus
 
+from leanauth import metrics, requestid
 from leanauth.clientauth import Authenticated, authenticate, presented_credentials
 from leanauth.errors import (
     NO_STORE_HEADERS,
@@ -154,11 +155,15 @@ class OAuthEndpoint:
         except Exception:
             log.exception("%s request failed", self.audit_kind)
             failure = ServerError()
+            metrics.refused(self.audit_kind, failure.error, attempt.scope)
             self._services.audit.record(
                 self.audit_kind, failure.error, _bounded_id(attempt.client_id), attempt.source
             )
             status, body, headers = failure.status_code, failure.body(), []
         headers = [*NO_STORE_HEADERS, *headers, (b"content-length", str(len(body)).encode())]
+        request_id = requestid.CURRENT.get()
+        if request_id is not None:
+            headers.append((requestid.HEADER, request_id.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -194,7 +199,9 @@ class OAuthEndpoint:
             raise
 
     def _refused(self, error: OAuthError, attempt: Attempt) -> None:
-        """Audit every refusal, keeping only a bounded, escaped piece of the request's text."""
+        """Audit and count every refusal, keeping only a bounded, escaped piece of the
+        request's text (none in the count: its scope only as a class)."""
+        metrics.refused(self.audit_kind, error.error, attempt.scope)
         detail: dict[str, object] = {"scope": bounded(attempt.scope)} if attempt.scope else {}
         if error.detail:
             detail["reason"] = bounded(error.detail)

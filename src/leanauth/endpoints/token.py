@@ -20,6 +20,7 @@ import time
 
 import orjson
 
+from leanauth import metrics
 from leanauth.cache import CachedClient, NewIdLookupsSpent
 from leanauth.endpoints.oauthbase import (
     CLIENT_PARAMETERS,
@@ -113,6 +114,7 @@ class TokenEndpoint(OAuthEndpoint):
             services.cache.keyring.signer, app.client_id, requested, app.token_ttl
         )
         services.usage.count(app.client_id)
+        metrics.TOKENS_ISSUED.inc(requested.scope_class)
         services.secret_use[authenticated.secret_id] = int(now)
         services.audit.record(
             "token",

@@ -57,9 +57,8 @@ class ChangePublisher(Protocol):
 
 
 class Store(Protocol):
-    def upgrade_schema(self, *, only_if_empty: bool = False) -> None:
-        """Apply every pending migration (``only_if_empty``: only to an empty database),
-        once even when several processes ask at once."""
+    def upgrade_schema(self) -> None:
+        """Apply every pending migration, once even when several processes ask at once."""
 
     def schema_revision(self) -> str | None:
         """The schema's migration revision; None for an empty database."""

@@ -1,8 +1,8 @@
 """Schema migrations (Alembic) for SQLite and PostgreSQL, applied once under a lock.
 
-Several nodes may start at once on an empty database: the migration runs under a
-PostgreSQL advisory lock (or a file lock beside an SQLite database), so exactly one applies
-it and the others find it done.
+Only ``leanauth init`` and ``leanauth db upgrade`` migrate. Several nodes may run them at
+once: the migration runs under a PostgreSQL advisory lock (or a file lock beside an SQLite
+database), so exactly one applies it and the others find it done.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Connection, Engine, text
+
+from leanauth import __version__
 
 # Alembic is imported where it is used: a server's workers never migrate, and it would cost
 # each of them 12 MB (measured).
@@ -28,6 +30,24 @@ ADVISORY_LOCK_KEY = 0x6C65616E61757468
 
 class SchemaOutdated(RuntimeError):
     """The database's schema is older than this code."""
+
+
+class SchemaAhead(RuntimeError):
+    """The database was migrated by a newer leanauth: its revision is unknown to this code.
+
+    Nothing this code does can help (it would not know the tables), so no command runs on it:
+    only a newer release, or a restored backup, can.
+    """
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(
+            f"ahead: this is leanauth {__version__}, the database was upgraded by a newer "
+            f"release (revision {revision})"
+        )
+        self.revision = revision
+
+
+SchemaState = Literal["empty", "behind", "current", "ahead"]
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -45,6 +65,22 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(_config()).get_current_head()
     assert head is not None
     return head
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision this code's migrations define (head and all before it)."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 (see the imports)
+
+    return frozenset(s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions())
+
+
+def schema_state(revision: str | None) -> SchemaState:
+    """Where a database at ``revision`` stands against this code."""
+    if revision is None:
+        return "empty"
+    if revision == head_revision():
+        return "current"
+    return "behind" if revision in known_revisions() else "ahead"
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -82,25 +118,30 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def upgrade(engine: Engine, *, only_if_empty: bool = False) -> None:
+def upgrade(engine: Engine) -> None:
     """Apply every pending migration (a no-op when the schema is current).
 
-    ``only_if_empty``: migrate an empty database, leave any other as it is. The revision is
-    read under the lock, so a process never acts on a schema another one is migrating.
+    Raises :class:`SchemaAhead` on a database a newer release migrated (Alembic would fail
+    with a traceback). The revision is read under the lock, so a process never acts on a
+    schema another one is migrating.
     """
     with _migration_lock(engine) as conn:
         from alembic import command  # noqa: PLC0415
         from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
 
-        empty = MigrationContext.configure(conn).get_current_revision() is None
-        if empty or not only_if_empty:
-            command.upgrade(_config(conn), "head")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and schema_state(current) == "ahead":
+            raise SchemaAhead(current)
+        command.upgrade(_config(conn), "head")
         conn.commit()
 
 
 def require_current(engine: Engine) -> None:
-    """Raise :class:`SchemaOutdated` unless the schema is at this code's head."""
+    """Raise :class:`SchemaAhead` or :class:`SchemaOutdated` unless the schema is at this
+    code's head."""
     current, head = current_revision(engine), head_revision()
+    if current is not None and schema_state(current) == "ahead":
+        raise SchemaAhead(current)
     if current != head:
         raise SchemaOutdated(
             f"the database schema is at revision {current or 'none'} but this leanauth needs "

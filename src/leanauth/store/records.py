@@ -11,6 +11,7 @@ import psycopg
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 
+from leanauth import metrics
 from leanauth.store import schema
 from leanauth.store.base import LimitReached, RejectedRecords, StoreError
 from leanauth.store.models import AuditEvent, RevokedToken
@@ -164,6 +165,7 @@ class SqlRecords(SqlBase):
         except (IntegrityError, psycopg.DataError, psycopg.IntegrityError) as exc:
             raise RejectedRecords(first_line(exc)) from exc
         except psycopg.Error as exc:
+            metrics.STORE_ERRORS.inc("write")
             raise StoreError(first_line(exc)) from exc
 
     def prune_audit_events(self, before_ms: int) -> int:

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
+from leanauth import metrics
 from leanauth.store import migrate, schema
 from leanauth.store.base import ChangePublisher, RejectedRecords, StoreError
 from leanauth.store.engine import EngineOptions, engine_for
@@ -39,9 +40,9 @@ class SqlBase:
         # Told the kind of each committed change (Redis pub/sub, when configured).
         self._publish = publish
 
-    def upgrade_schema(self, *, only_if_empty: bool = False) -> None:
+    def upgrade_schema(self) -> None:
         try:
-            migrate.upgrade(self.engine, only_if_empty=only_if_empty)
+            migrate.upgrade(self.engine)
         except SQLAlchemyError as exc:
             raise StoreError(first_line(exc)) from exc
 
@@ -62,6 +63,7 @@ class SqlBase:
             with self.engine.connect() as conn:
                 yield conn
         except SQLAlchemyError as exc:
+            metrics.STORE_ERRORS.inc("read")
             raise StoreError(first_line(exc)) from exc
 
     @contextmanager
@@ -80,6 +82,7 @@ class SqlBase:
         except DataError as exc:
             raise RejectedRecords(first_line(exc)) from exc
         except SQLAlchemyError as exc:
+            metrics.STORE_ERRORS.inc("write")
             raise StoreError(first_line(exc)) from exc
         if self._publish is not None:
             for kind in dict.fromkeys(kinds):

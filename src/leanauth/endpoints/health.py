@@ -1,0 +1,56 @@
+"""Health for load balancers and orchestrators: liveness and readiness.
+
+- ``GET /livez``: 200 while the process can answer at all (restart it when this fails).
+- ``GET /readyz``: 200 when this node can issue and check tokens correctly: its registry view
+  and signing keys are loaded and fresher than ``LEANAUTH_INTROSPECTION_MAX_STALENESS``;
+  503 with the reason otherwise, and 503 from the moment a drain begins (SIGTERM), so that
+  balancers stop sending traffic before the node stops accepting it.
+- ``GET /healthz``: the same as ``/readyz`` (its earlier name), with the signing key's id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from leanauth.cache import RegistryCache
+
+NO_STORE = {"cache-control": "no-store"}
+
+
+def readiness(cache: RegistryCache, max_staleness: float, draining: bool) -> str | None:
+    """Why this node is not ready, or None when it is."""
+    if draining:
+        return "draining"
+    age = time.monotonic() - cache.synced_at
+    if age > max_staleness:
+        return f"registry view {age:.0f}s old (bound {max_staleness:g}s)"
+    return None
+
+
+def health_routes(
+    cache: RegistryCache, max_staleness: float, is_draining: Callable[[], bool]
+) -> list[Route]:
+    def answer(body: dict[str, object], ready: bool) -> Response:
+        status = 200 if ready else 503
+        return Response(orjson.dumps(body), status, headers=NO_STORE, media_type="application/json")
+
+    async def livez(_: Request) -> Response:
+        return answer({"status": "ok"}, True)
+
+    async def readyz(_: Request) -> Response:
+        reason = readiness(cache, max_staleness, is_draining())
+        if reason is not None:
+            return answer({"status": "unavailable", "reason": reason}, False)
+        return answer({"status": "ok", "signing_key": cache.keyring.signer.kid}, True)
+
+    return [
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/healthz", readyz, methods=["GET"]),
+    ]
