@@ -37,6 +37,10 @@ INTROSPECT_PATH = "/oauth2/introspect"
 # An access token here is a few hundred bytes; anything far larger is not one of ours.
 MAX_TOKEN_LENGTH = 8192
 REQUIRED_CLAIMS = ["iss", "sub", "exp", "iat", "jti", "client_id", "scope"]
+# Seconds the nodes' clocks may differ by: a token issued by a node a little ahead is not
+# "not yet valid" here, nor one a little past its expiry refused a moment early elsewhere.
+# The same as leanauth.verify's default, so resource servers and this server agree.
+TOKEN_TIME_LEEWAY = 30
 
 
 def token_parameter(params: dict[str, str]) -> str:
@@ -63,6 +67,7 @@ def decode_own_token(
             key,
             algorithms=[alg],
             issuer=services.runtime.settings.issuer,
+            leeway=TOKEN_TIME_LEEWAY,
             options={
                 "verify_aud": False,
                 "verify_exp": check_expiry,
@@ -121,13 +126,16 @@ class RevocationEndpoint(TokenCheckEndpoint):
         services = self._services
         now = time.time()
         caller, claims = await self.caller_and_token(scope, receive, attempt, now, expired=True)
-        if claims is None or claims["exp"] < now:
+        # A token still passes checks for the leeway after its expiry: until then it is
+        # worth revoking, and its revocation is kept.
+        last_valid = claims["exp"] + TOKEN_TIME_LEEWAY if claims is not None else 0
+        if claims is None or last_valid < now:
             metrics.REVOCATIONS.inc("not_revoked")
             services.audit.record("revocation", "not_revoked", caller.client_id, attempt.source)
             return b""
         if claims["client_id"] != caller.client_id:
             raise UnauthorizedClient("The token was not issued to this client.")
-        revoked = RevokedToken(claims["jti"], caller.client_id, claims["exp"], int(now))
+        revoked = RevokedToken(claims["jti"], caller.client_id, last_valid, int(now))
         cap = services.runtime.settings.max_revocations_per_app
         try:
             await asyncio.to_thread(services.runtime.store.revoke_token, revoked, cap)
@@ -140,7 +148,7 @@ class RevocationEndpoint(TokenCheckEndpoint):
             raise TemporarilyUnavailable(detail=str(exc)) from exc
         services.cache.add_revoked(revoked.jti, revoked.expires_at)
         metrics.REVOCATIONS.inc("revoked")
-        detail = {"jti": revoked.jti, "exp": revoked.expires_at}
+        detail = {"jti": revoked.jti, "exp": claims["exp"]}
         services.audit.record("revocation", "revoked", caller.client_id, attempt.source, detail)
         return b""
 

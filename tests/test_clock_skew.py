@@ -1,0 +1,100 @@
+"""Nodes whose clocks are a few seconds apart agree about each other's tokens.
+
+One node runs under libfaketime (its clock shifted), the other on the real clock; both
+serve one installation."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import AppCredentials, Env, Server, create_app, start_server, wait_for
+
+LIBFAKETIME = next(
+    (str(path) for path in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if path.exists()),
+    None,
+)
+
+pytestmark = pytest.mark.skipif(
+    LIBFAKETIME is None or shutil.which("faketime") is None,
+    reason="libfaketime is not installed (apt-get install faketime)",
+)
+
+
+def shifted(env: Env, offset: str) -> Env:
+    """The same installation, seen through a clock shifted by ``offset`` (``+2s``)."""
+    assert LIBFAKETIME is not None
+    extra = {**env.extra, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset}
+    return Env(env.data_dir, extra)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    # One installation, one issuer, as behind a load balancer.
+    env = Env(tmp_path_factory.mktemp("skew"), {"LEANAUTH_ISSUER": "http://skew.test"})
+    env.cli("init")
+    running = {
+        "real": start_server(env),
+        "ahead": start_server(shifted(env, "+2s")),
+        "behind": start_server(shifted(env, "-2s")),
+    }
+    yield running
+    for server in running.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def skew_app(nodes: dict[str, Server]) -> AppCredentials:
+    creds = create_app(nodes["real"].env, "--name", "skew", "--scopes", "api,customer")
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": creds.client_id,
+        "client_secret": creds.client_secret,
+        "scope": "api",
+    }
+    for server in nodes.values():
+        wait_for(lambda s=server: httpx.post(s.token_url, data=form).status_code == 200)
+    return creds
+
+
+def token_from(server: Server, creds: AppCredentials) -> str:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": creds.client_id,
+        "client_secret": creds.client_secret,
+        "scope": "api",
+    }
+    response = httpx.post(server.token_url, data=form, timeout=10)
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+@pytest.mark.parametrize(
+    ("issuer", "checker"),
+    [("ahead", "real"), ("real", "behind"), ("ahead", "behind"), ("behind", "ahead")],
+)
+def test_a_token_from_a_node_with_another_clock_is_good_at_once(
+    nodes: dict[str, Server], skew_app: AppCredentials, issuer: str, checker: str
+) -> None:
+    token = token_from(nodes[issuer], skew_app)
+    checking = nodes[checker]
+    customers = httpx.get(
+        checking.url + "/customers/v1/?size=1",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert customers.status_code == 200, customers.text
+    introspection = httpx.post(
+        checking.url + "/oauth2/introspect",
+        data={
+            "token": token,
+            "client_id": skew_app.client_id,
+            "client_secret": skew_app.client_secret,
+        },
+        timeout=10,
+    )
+    assert introspection.json()["active"] is True
