@@ -130,19 +130,23 @@ def test_a_rotated_key_is_published_first_then_signs(
     assert keys[old]["state"] == "retired"
     assert keys[old]["unpublished_at"] == keys[old]["retires_at"] + RETIRED_FOR
 
-    # A rotation while a key is still next replaces it (it never signed anything).
-    replacing = env.cli("keys", "rotate")
+    # A rotation while a key is still next queues behind it: every printed kid stays.
+    queued = env.cli("keys", "rotate")
     keys = keys_by_kid(env)
-    assert following["kid"] not in keys
-    assert keys[replacing["kid"]]["state"] == "next"
+    assert keys[following["kid"]]["state"] == "next"
+    assert keys[queued["kid"]]["state"] == "next"
+    assert queued["activates_at"] > following["activates_at"]
+    assert keys[following["kid"]]["retires_at"] == queued["activates_at"]
     wait_for(
-        lambda: (
-            (jwks := served_kids(server)) >= {old, new, replacing["kid"]}
-            and following["kid"] not in jwks
-        ),
+        lambda: served_kids(server) >= {old, new, following["kid"], queued["kid"]},
         timeout=1.0,
     )
-    assert kid_of(new_token(server, app)) == new
+    # --immediately replaces the waiting keys it saw (they signed nothing) and signs now.
+    urgent = env.cli("keys", "rotate", "--immediately")
+    keys = keys_by_kid(env)
+    assert following["kid"] not in keys
+    assert queued["kid"] not in keys
+    wait_for(lambda: kid_of(new_token(server, app)) == urgent["kid"], timeout=2.0)
 
 
 def test_every_token_verifies_for_its_whole_life_through_rotations(
@@ -393,3 +397,36 @@ def test_a_key_activates_on_time_while_the_database_is_unreachable(
         assert kid_of(new_token(server, app)) != new_kid
         with postgres.offline(url):
             wait_for(lambda: kid_of(new_token(server, app)) == new_kid, timeout=PREPUBLISH + 2)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_racing_rotations_never_print_a_kid_that_does_not_exist(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Ten `keys rotate` at once: one or more win, the others fail with one line and change
+    nothing, and every kid one of them printed is a key that exists."""
+    if backend == "sqlite":
+        env = Env(tmp_path, extra={"LEANAUTH_KEY_PREPUBLISH": "600"})
+    else:
+        url = request.getfixturevalue("postgres").create()
+        env = installation(tmp_path, url, LEANAUTH_KEY_PREPUBLISH="600")
+    env.cli("init")
+    variables = {**os.environ, **env.vars}
+    command = [sys.executable, "-m", "leanauth", "keys", "rotate", "--json"]
+
+    def rotate(_: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, env=variables, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(rotate, range(10)))
+    printed = [json.loads(r.stdout)["kid"] for r in results if r.returncode == 0]
+    failures = [r.stderr for r in results if r.returncode != 0]
+    assert printed, failures
+    assert all(len(f.strip().splitlines()) == 1 for f in failures), failures
+    stored = {key["kid"]: key for key in env.cli("keys", "list")}
+    assert set(printed) <= set(stored)
+    assert all("another rotation published key" in f for f in failures), failures
+    # Nothing but the initial key and what was printed.
+    assert len(stored) == 1 + len(printed)

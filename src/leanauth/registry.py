@@ -193,11 +193,16 @@ def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = Fal
     (``immediately``: at once, for a compromised key: verifiers holding a cached JWKS will
     refuse its tokens until they refetch)."""
     now = int(time.time())
+    # What this rotation replaces: a waiting key published after this look is another
+    # rotation's, and makes this one fail rather than drop a kid just printed.
+    seen_waiting = frozenset(k.kid for k in runtime.store.list_keys() if k.activates_at > now)
     activates_at = now if immediately else now + runtime.settings.key_prepublish
     candidate = new_stored_key(
         alg or runtime.settings.signing_alg, runtime.cipher, now, activates_at
     )
-    key = runtime.store.rotate_key(candidate, now, keep_within=_activation_margin(runtime))
+    key = runtime.store.rotate_key(
+        candidate, now, keep_within=_activation_margin(runtime), seen_waiting=seen_waiting
+    )
     assert key is not None
     _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
     return key

@@ -20,6 +20,7 @@ Usage (by the supervisor only): ``python -m leanauth.worker LISTEN_FD READY_FD``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -94,13 +95,23 @@ class WorkerServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for listener in sockets or []:
             self._serve_backlog(listener)
+        # Closed at once, with nothing in between: a connection the kernel queues after the
+        # last accept and before the close is reset.
+        for server in self.servers:
+            server.close()
+        for listener in sockets or []:
+            listener.close()
         await super().shutdown(sockets=sockets)
 
     def _serve_backlog(self, listener: socket.socket) -> None:
         """Take every connection the kernel has queued, just before the listener closes:
-        closing it resets them, and their clients may have sent a request already."""
+        closing it resets them, and their clients may have sent a request already. The
+        queue is shrunk first: a client connecting now is not queued (its connection
+        attempt is retried by its kernel, and then refused), so none is left behind."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        with contextlib.suppress(OSError):
+            listener.listen(0)
         while True:
             try:
                 connection, _ = listener.accept()

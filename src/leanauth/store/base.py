@@ -101,6 +101,7 @@ class Store(Protocol):
         now: int,
         created_before: int | None = None,
         keep_within: int = 0,
+        seen_waiting: frozenset[str] | None = None,
     ) -> StoredKey | None: ...
     def revoke_key(
         self, kid: str, now: int, replacement: StoredKey

@@ -412,16 +412,21 @@ class SqlRegistry(SqlBase):
         now: int,
         created_before: int | None = None,
         keep_within: int = 0,
+        seen_waiting: frozenset[str] | None = None,
     ) -> StoredKey | None:
         """Add ``new_key`` (it signs from its ``activates_at``) in one transaction.
 
-        A key still waiting to activate signed nothing, so it is dropped — the newest rotation
-        wins — unless it activates within ``keep_within`` seconds of the clock read inside the
-        transaction: a node whose clock runs a little ahead may already sign with it. The new key
-        activates strictly after every remaining key, so the order of keys never rests on a
-        tie. With ``created_before``, rotate only if no key is newer than
-        that (automatic rotation: of several nodes due at once, one rotates). Returns the key
-        as stored, or None when no rotation was due.
+        Every kid a rotation printed goes on existing: a new key waits behind the keys already
+        waiting (it activates strictly after every remaining key, so the order of keys never
+        rests on a tie), whichever of several racing rotations commits first. An urgent key
+        (activating within ``keep_within`` seconds of the clock read inside the transaction:
+        ``keys rotate --immediately``) replaces the waiting keys, which signed nothing, if
+        they are those the caller saw (``seen_waiting``); else it fails with
+        :class:`Conflict` and changes nothing. A key activating within ``keep_within`` is
+        never dropped: a node whose clock runs a little ahead may already sign with it. With
+        ``created_before``, rotate only if no key is newer than that (automatic rotation: of
+        several nodes due at once, one rotates). Returns the key as stored, or None when no
+        rotation was due.
         """
         keys = schema.signing_keys
         with self._write() as conn:
@@ -435,13 +440,32 @@ class SqlRegistry(SqlBase):
                     return None
             # The caller's clock was read before the key was made (RSA takes a while).
             now = max(now, int(time.time()))
-            conn.execute(keys.delete().where(keys.c.activates_at > now + keep_within))
+            if new_key.activates_at <= now + keep_within:
+                self._replace_waiting_keys(conn, now + keep_within, seen_waiting)
             latest = conn.execute(select(func.max(keys.c.activates_at))).scalar_one()
             if latest is not None and new_key.activates_at <= latest:
                 new_key = replace(new_key, activates_at=latest + 1)
             self._insert_key(conn, new_key)
             self._record_change(conn, "key", new_key.kid)
             return new_key
+
+    @staticmethod
+    def _replace_waiting_keys(
+        conn: Connection, after: int, seen_waiting: frozenset[str] | None
+    ) -> None:
+        """Drop the keys waiting to activate after ``after`` (they signed nothing) for an
+        urgent key. One the caller did not see is another rotation's, committed meanwhile:
+        its kid was printed and must go on existing, so this rotation fails instead."""
+        keys = schema.signing_keys
+        waiting = keys.c.activates_at > after
+        if seen_waiting is not None:
+            unseen = set(conn.execute(select(keys.c.kid).where(waiting)).scalars()) - seen_waiting
+            if unseen:
+                raise Conflict(
+                    f"another rotation published key {min(unseen)} meanwhile; it stands "
+                    "(see `leanauth keys list`) and this one changed nothing"
+                )
+        conn.execute(keys.delete().where(waiting))
 
     def revoke_key(
         self, kid: str, now: int, replacement: StoredKey
