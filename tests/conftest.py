@@ -244,14 +244,20 @@ def app(env: Env, server: Server) -> AppCredentials:
     return created
 
 
-def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> httpx.Response:
-    form = {
+def token_form(
+    creds: AppCredentials, scope: str = "api", secret: str | None = None
+) -> dict[str, str]:
+    """A client-credentials token request's form (client_secret_post)."""
+    return {
         "grant_type": "client_credentials",
         "client_id": creds.client_id,
-        "client_secret": creds.client_secret,
+        "client_secret": creds.client_secret if secret is None else secret,
         "scope": scope,
     }
-    response = httpx.post(server.token_url, data=form, timeout=10)
+
+
+def request_token(server: Server, creds: AppCredentials, scope: str = "api") -> httpx.Response:
+    response = httpx.post(server.token_url, data=token_form(creds, scope), timeout=10)
     if response.status_code == 200:
         with contextlib.suppress(ValueError):
             record_values(response.json())

@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AppCredentials, Env, Server, create_app, start_server, wait_for
+from conftest import (
+    AppCredentials,
+    Env,
+    Server,
+    create_app,
+    new_token,
+    request_token,
+    start_server,
+    wait_for,
+)
 
 LIBFAKETIME = next(
     (str(path) for path in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if path.exists()),
@@ -50,27 +59,9 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server
 @pytest.fixture(scope="module")
 def skew_app(nodes: dict[str, Server]) -> AppCredentials:
     creds = create_app(nodes["real"].env, "--name", "skew", "--scopes", "api,customer")
-    form = {
-        "grant_type": "client_credentials",
-        "client_id": creds.client_id,
-        "client_secret": creds.client_secret,
-        "scope": "api",
-    }
     for server in nodes.values():
-        wait_for(lambda s=server: httpx.post(s.token_url, data=form).status_code == 200)
+        wait_for(lambda s=server: request_token(s, creds).status_code == 200)
     return creds
-
-
-def token_from(server: Server, creds: AppCredentials) -> str:
-    form = {
-        "grant_type": "client_credentials",
-        "client_id": creds.client_id,
-        "client_secret": creds.client_secret,
-        "scope": "api",
-    }
-    response = httpx.post(server.token_url, data=form, timeout=10)
-    assert response.status_code == 200, response.text
-    return str(response.json()["access_token"])
 
 
 @pytest.mark.parametrize(
@@ -80,7 +71,7 @@ def token_from(server: Server, creds: AppCredentials) -> str:
 def test_a_token_from_a_node_with_another_clock_is_good_at_once(
     nodes: dict[str, Server], skew_app: AppCredentials, issuer: str, checker: str
 ) -> None:
-    token = token_from(nodes[issuer], skew_app)
+    token = new_token(nodes[issuer], skew_app)
     checking = nodes[checker]
     customers = httpx.get(
         checking.url + "/customers/v1/?size=1",

@@ -25,20 +25,13 @@ from conftest import (
     free_port,
     installation,
     known_app,
+    request_token,
     start_server,
+    token_form,
     wait_for,
 )
 
 DRAIN = 2.0
-
-
-def form(creds: AppCredentials) -> dict[str, str]:
-    return {
-        "grant_type": "client_credentials",
-        "client_id": creds.client_id,
-        "client_secret": creds.client_secret,
-        "scope": "api",
-    }
 
 
 class Load:
@@ -71,7 +64,7 @@ class Load:
                 self.failures.append(failure)
 
     def _run(self, index: int) -> None:
-        body = form(self.creds)
+        body = token_form(self.creds)
         turn = index
         with httpx.Client(timeout=20) as client:
             while not self._stop.is_set():
@@ -171,7 +164,7 @@ def test_rolling_restart_of_two_nodes_fails_no_request(tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     nodes = {port: start_server(env, port) for port in ports}
     creds = known_app(env, nodes[ports[0]], "--scopes", "api")
-    wait_for(lambda: httpx.post(nodes[ports[1]].token_url, data=form(creds)).status_code == 200)
+    wait_for(lambda: request_token(nodes[ports[1]], creds).status_code == 200)
     try:
         with Load([node.url for node in nodes.values()], creds) as load:
             for port in ports:
@@ -270,7 +263,7 @@ def test_a_dead_worker_is_replaced(node_env: Env, two_workers: Server) -> None:
     wait_for(lambda: len(set(worker_pids(two_workers.process.pid)) - set(first)) == 1, timeout=30)
     with httpx.Client(timeout=10) as client:
         for _ in range(20):
-            assert client.post(two_workers.token_url, data=form(creds)).status_code == 200
+            assert client.post(two_workers.token_url, data=token_form(creds)).status_code == 200
     assert "died" in two_workers.log()
 
 
@@ -291,7 +284,7 @@ def test_metrics_on_their_own_port(tmp_path: Path) -> None:
         creds = known_app(env, server, "--scopes", "api")
         with httpx.Client(timeout=10) as client:
             for _ in range(5):
-                assert client.post(server.token_url, data=form(creds)).status_code == 200
+                assert client.post(server.token_url, data=token_form(creds)).status_code == 200
         scrape = f"http://127.0.0.1:{metrics_port}/metrics"
 
         def issued() -> float:

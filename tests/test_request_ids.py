@@ -9,16 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import AppCredentials, Env, Server, known_app, serving, wait_for
-
-
-def token_form(creds: AppCredentials, secret: str | None = None) -> dict[str, str]:
-    return {
-        "grant_type": "client_credentials",
-        "client_id": creds.client_id,
-        "client_secret": secret or creds.client_secret,
-        "scope": "api",
-    }
+from conftest import AppCredentials, Env, Server, known_app, serving, token_form, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,7 @@ def test_json_log_has_audit_records_as_objects(behind_proxy: Server) -> None:
     creds = known_app(behind_proxy.env, behind_proxy, "--scopes", "api")
     response = httpx.post(
         behind_proxy.token_url,
-        data=token_form(creds, secret="lsk_not-the-secret-zq9"),
+        data=token_form(creds, "api", secret="lsk_not-the-secret-zq9"),
         headers={"X-Request-Id": "probe-77"},
         timeout=10,
     )

@@ -18,7 +18,7 @@ from leanauth.notify import RedisPublisher
 from leanauth.safetext import masked_url
 from leanauth.settings import Settings, SettingsError, decode_key
 from leanauth.store.base import Store
-from leanauth.store.engine import EngineOptions, sqlite_file
+from leanauth.store.engine import EngineOptions, fsync_directory, sqlite_file
 from leanauth.store.migrate import require_current
 from leanauth.store.sql import SqlStore
 
@@ -83,16 +83,8 @@ def _create_key_file(path: Path) -> None:
             os.link(temporary, path)
     finally:
         os.unlink(temporary)
-    _fsync_directory(folder)
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a new name in ``folder`` survive a crash (the KEK opens every signing key)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # The key file's name must survive a crash: the KEK opens every signing key.
+    fsync_directory(folder)
 
 
 KEK_SETTING = "LEANAUTH_KEY_ENCRYPTION_KEY"

@@ -8,6 +8,8 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+from leanauth.store.engine import fsync_directory
+
 
 def backup_sqlite(source: Path, target: Path) -> None:
     """Copy the SQLite database ``source`` to ``target``, a new file of mode 0600.
@@ -32,7 +34,7 @@ def backup_sqlite(source: Path, target: Path) -> None:
         temporary.unlink()
         with contextlib.suppress(FileNotFoundError):  # left by a failed copy, if any
             temporary.with_name(temporary.name + "-journal").unlink()
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def _copy(source: Path, temporary: Path) -> None:
@@ -47,12 +49,3 @@ def _copy(source: Path, temporary: Path) -> None:
         writer.execute("PRAGMA journal_mode=DELETE")
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make the new name survive a crash."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -70,6 +70,15 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database)
 
 
+def fsync_directory(folder: Path) -> None:
+    """Make a new name in ``folder`` survive a crash (a file is synced, its name is not)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _create_private_file(path: Path) -> None:
     """Create the database file, and its folder, for this user only (0600, 0700): it holds
     customers' ids and the audit trail. SQLite would create it with the umask's mode (often
