@@ -14,11 +14,13 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -501,3 +503,47 @@ def test_backup_on_postgres_gives_the_pg_dump_recipe(postgres: PostgresDatabases
     assert 'pg_dump --format=custom --file=FILE "$LEANAUTH_DATABASE_URL"' in line
     assert "hunter2" not in proc.stderr
     assert line.split(": ", 2)[2] in (ROOT / "README.md").read_text()
+
+
+# A database that does not answer
+
+
+@pytest.fixture
+def silent_database() -> Iterator[str]:
+    """A PostgreSQL URL whose server accepts connections and never answers (a black hole:
+    a vanished host behind a load balancer, a firewall that drops replies)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield f"postgresql://leanauth:hunter2@127.0.0.1:{listener.getsockname()[1]}/leanauth"
+    finally:
+        listener.close()
+
+
+def test_a_command_gives_up_on_a_silent_database_and_names_the_setting(
+    tmp_path: Path, silent_database: str
+) -> None:
+    env = {
+        **os.environ,
+        "LEANAUTH_DATABASE_URL": silent_database,
+        "LEANAUTH_KEY_ENCRYPTION_KEY": os.urandom(32).hex(),
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "leanauth", "apps", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    waited = time.monotonic() - started
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "LEANAUTH_DATABASE_URL" in lines[0]
+    assert "waited at most 3s" in lines[0]
+    assert "hunter2" not in proc.stderr
+    # The deadline, not the database, ends the wait (a few seconds, never a hang).
+    assert waited < 15

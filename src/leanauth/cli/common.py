@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import click
 from leanauth import __version__
 from leanauth.bootstrap import NotInitialised, Runtime, SchemaMode, open_runtime, open_store
 from leanauth.logs import configure_logging
-from leanauth.safetext import escape, escape_lines
+from leanauth.safetext import escape, escape_lines, masked_url
 from leanauth.settings import Settings, SettingsError, unknown_variables
 from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
 from leanauth.store.migrate import SchemaAhead, SchemaOutdated
@@ -92,8 +93,26 @@ def option_variables(group: click.Group) -> set[str]:
     return names
 
 
-def refusal(exc: Exception) -> NoReturn:
+# A command waits this long at most for the database to answer a connection (or
+# LEANAUTH_DB_CONNECT_TIMEOUT, if shorter): a person is waiting, and an address that does
+# not answer is most often a wrong one.
+CLI_CONNECT_TIMEOUT = 3.0
+
+
+def for_commands(settings: Settings) -> Settings:
+    """``settings`` with the command line's shorter connection deadline."""
+    timeout = min(settings.db_connect_timeout, CLI_CONNECT_TIMEOUT)
+    return dataclasses.replace(settings, db_connect_timeout=timeout)
+
+
+def refusal(exc: Exception, settings: Settings | None = None) -> NoReturn:
     """The one line for a store that cannot be used as it is, with its exit status."""
+    if isinstance(exc, StoreError) and settings is not None:
+        fail(
+            f"cannot use the database at {masked_url(settings.database_url)} "
+            f"(waited at most {settings.db_connect_timeout:g}s): {exc}; "
+            "check LEANAUTH_DATABASE_URL and that the database is up"
+        )
     fail(str(exc), EXIT_SCHEMA_AHEAD if isinstance(exc, SchemaAhead) else 1)
 
 
@@ -105,14 +124,15 @@ REFUSALS = (SettingsError, StoreError, SchemaOutdated, SchemaAhead, NotInitialis
 def store_only(settings: Settings) -> Iterator[SqlStore]:
     """The store alone, neither the key-encryption key nor the schema checked: for commands
     that only look at the schema (its revision, a backup). It makes no database either."""
+    settings = for_commands(settings)
     try:
         store = open_store(settings)
     except REFUSALS as exc:
-        refusal(exc)
+        refusal(exc, settings)
     try:
         yield store
     except REFUSALS as exc:
-        refusal(exc)
+        refusal(exc, settings)
     finally:
         store.close()
 
@@ -120,11 +140,11 @@ def store_only(settings: Settings) -> Iterator[SqlStore]:
 @contextmanager
 def runtime(schema: SchemaMode = "require", settings: Settings | None = None) -> Iterator[Runtime]:
     """The settings and the store, with one-line errors for everything an operator can fix."""
-    settings = settings or load_settings()
+    settings = for_commands(settings or load_settings())
     try:
         rt = open_runtime(settings, schema=schema)
     except REFUSALS as exc:
-        refusal(exc)
+        refusal(exc, settings)
     try:
         yield rt
     except (NotFound, AlreadyExists, Conflict, ValueError, StoreError) as exc:
