@@ -47,6 +47,7 @@ from conftest import (
     wait_until_known,
 )
 from leanauth.bootstrap import open_runtime
+from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY
 from leanauth.keys import PrivateKey, schedule
 from leanauth.settings import Settings
 
@@ -597,11 +598,12 @@ def test_revocations_per_app_are_capped(tmp_path: Path, database_url: str) -> No
         assert response.json()["error"] == "too_many_requests"
         assert response.headers["cache-control"] == "no-store"
         retry_after = int(response.headers["retry-after"])
-        # Room again once the first revoked token has expired (the store counts a token live
-        # through its expiry second).
-        soonest = min(claims_of(token)["exp"] for token in tokens[:3])
+        # Room again once the first revoked token can pass no check: its expiry plus the
+        # clock-skew leeway (the store counts a revocation live through its last second).
+        soonest = min(claims_of(token)["exp"] for token in tokens[:3]) + TOKEN_TIME_LEEWAY
         assert soonest - int(after) + 1 <= retry_after <= soonest - int(before) + 1
-        assert 1 <= retry_after <= claims_of(tokens[0])["exp"] - claims_of(tokens[0])["iat"] + 1
+        lifetime = claims_of(tokens[0])["exp"] - claims_of(tokens[0])["iat"]
+        assert 1 <= retry_after <= lifetime + TOKEN_TIME_LEEWAY + 1
         assert active(server, app, tokens[3])
 
         # Nothing new to keep: these still answer 200.
