@@ -128,7 +128,10 @@ def test_readiness_fails_while_the_database_is_away_and_comes_back(
             assert "registry view" in reason
             # Still alive: only traffic should move, not a restart.
             assert httpx.get(server.url + "/livez").status_code == 200
+            wait_for(lambda: "not ready until it refreshes" in server.log(), timeout=5)
         wait_for(lambda: ready() == 200, timeout=15)
+        # The node said so in its log, both ways.
+        wait_for(lambda: "fresh again after" in server.log(), timeout=5)
     finally:
         server.stop()
 

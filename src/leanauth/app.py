@@ -15,7 +15,7 @@ from leanauth import metrics, requestid
 from leanauth.bootstrap import Runtime, open_runtime
 from leanauth.endpoints.customers import customers_routes
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
-from leanauth.endpoints.health import health_routes
+from leanauth.endpoints.health import WATCHDOG_INTERVAL, Watchdog, health_routes
 from leanauth.endpoints.oauth import oauth_routes
 from leanauth.endpoints.prometheus import metrics_routes
 from leanauth.endpoints.token import TokenEndpoint
@@ -48,6 +48,8 @@ class LeanAuthApp:
         ]
         if settings.key_rotation_days:
             jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
+        watchdog = Watchdog(self.cache, settings.introspection_max_staleness)
+        jobs.append((WATCHDOG_INTERVAL, watchdog.check))
         # Requests count in memory; the housekeeper's thread writes this process's snapshot
         # once a second (and at exit) for a scrape to merge (leanauth.metrics says why).
         directory = metrics.metrics_directory(settings.metrics_dir)

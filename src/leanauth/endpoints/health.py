@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,11 @@ from starlette.routing import Route
 
 from leanauth.cache import RegistryCache
 
+log = logging.getLogger("leanauth.health")
+
 NO_STORE = {"cache-control": "no-store"}
+# Seconds between two looks at the view's age.
+WATCHDOG_INTERVAL = 1.0
 
 
 def readiness(cache: RegistryCache, max_staleness: float, draining: bool) -> str | None:
@@ -31,6 +36,31 @@ def readiness(cache: RegistryCache, max_staleness: float, draining: bool) -> str
     if age > max_staleness:
         return f"registry view {age:.0f}s old (bound {max_staleness:g}s)"
     return None
+
+
+class Watchdog:
+    """Says in the log when this node's registry view grows older than its bound (it is
+    then not ready, and introspection answers 503) and when it is fresh again: a stuck
+    refresh is otherwise silent."""
+
+    def __init__(self, cache: RegistryCache, max_staleness: float) -> None:
+        self._cache = cache
+        self._max_staleness = max_staleness
+        self._stale_since: float | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        age = now - self._cache.synced_at
+        if age > self._max_staleness and self._stale_since is None:
+            self._stale_since = now - age
+            log.warning(
+                "registry view %.0fs old (bound %gs): not ready until it refreshes",
+                age,
+                self._max_staleness,
+            )
+        elif age <= self._max_staleness and self._stale_since is not None:
+            log.warning("registry view fresh again after %.0fs: ready", now - self._stale_since)
+            self._stale_since = None
 
 
 def health_routes(
