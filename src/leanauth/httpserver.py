@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEAD_BYTES = 16 * 1024
@@ -59,7 +58,9 @@ TOO_SLOW = _plain_response(b"408 Request Timeout", b"Request not received in tim
 
 
 class _Refused(Exception):
-    """Raised from a parser callback to stop parsing a request already answered."""
+    """Raised from a parser callback to stop parsing a request already answered. httptools
+    turns it into an HttpParserError, which uvicorn answers with send_400_response (a no-op
+    here once the edge has answered)."""
 
 
 class _HeadWithBody:
@@ -213,7 +214,3 @@ def protocol_with(limits: EdgeLimits, draining: Callable[[], bool]) -> type[Lean
     """The protocol class uvicorn instantiates per connection, with these limits."""
     attributes = {"limits": limits, "draining": staticmethod(draining)}
     return type("LeanHttpProtocol", (LeanHttpProtocol,), attributes)
-
-
-# httptools raises this for any exception in a callback; named here for the reader.
-assert issubclass(httptools.HttpParserCallbackError, httptools.HttpParserError)
