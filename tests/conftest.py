@@ -95,6 +95,9 @@ class Env:
             "LEANAUTH_KEY_PREPUBLISH": "1",
             # Stopping a test server needs no time for a load balancer to notice.
             "LEANAUTH_DRAIN_SECONDS": "0",
+            # Beside this installation's files, whatever its database (default: var/journal
+            # under the working directory for PostgreSQL).
+            "LEANAUTH_JOURNAL_DIR": str(self.data_dir / "journal"),
             **self.extra,
         }
 

@@ -80,8 +80,10 @@ class LeanAuthApp:
             await self._housekeeper.stop()
             await self.cache.stop()
             services.throttle.stop()
-            # What the last second's requests left in memory reaches the store.
+            # What the last second's requests left in memory reaches the store (what it
+            # cannot take waits in the journal for the next worker).
             await asyncio.to_thread(services.flush)
+            services.audit.close_journal()
             services.runtime.store.close()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

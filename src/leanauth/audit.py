@@ -15,6 +15,10 @@ survive what attackers and outages do to it:
 - refusals (which anyone can cause) become at most ``MAX_REFUSAL_LINES`` log lines a flush;
   the rest are counted in one line. Every record still goes to the database.
 
+- a worker that dies loses none: each record is written to the worker's journal
+  (:mod:`leanauth.journal`) before its response is sent, and a dead worker's journal is taken
+  over by the next worker to flush.
+
 Nothing is lost silently: dropped and refused records are counted (``dropped``,
 ``rejected``) and logged at error level.
 """
@@ -22,6 +26,7 @@ Nothing is lost silently: dropped and refused records are counted (``dropped``,
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -29,7 +34,8 @@ from typing import Literal
 
 import orjson
 
-from leanauth import requestid
+from leanauth import journal, requestid
+from leanauth.journal import Journal
 from leanauth.safetext import MAX_FIELD, bounded
 from leanauth.store.base import RejectedRecords, Store
 from leanauth.store.models import AuditEvent
@@ -75,21 +81,37 @@ def _bounded_detail(detail: dict[str, object]) -> dict[str, object]:
 
 class AuditTrail:
     def __init__(
-        self, store: Store, log_mode: str, max_queued_bytes: int = MAX_QUEUED_BYTES
+        self,
+        store: Store,
+        log_mode: str,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        journal: Journal | None = None,
     ) -> None:
         self._store = store
         self._log_mode = log_mode
         self._max_queued_bytes = max_queued_bytes
-        self._queue: deque[tuple[AuditEvent, int]] = deque()
+        # (event, its estimated size, its sequence number in this process)
+        self._queue: deque[tuple[AuditEvent, int, int]] = deque()
         self._queued_bytes = 0
+        self._journal = journal
+        # Appends (event loop) and the flush (a thread) agree under this lock on which
+        # records the journal holds and which are still queued.
+        self._lock = threading.Lock()
+        self._next_seq = 0
         self.dropped = 0  # records that did not fit in the queue
         self.rejected = 0  # records the database refused
         self._unreported = Counter[str]()
         self._refusal_lines = 0  # refusal log lines in this flush
+        self._reported_failures = 0  # journal failures logged so far
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def unjournaled(self) -> int:
+        """Records that could not be written to the journal (a full disk, say)."""
+        return self._journal.failures if self._journal is not None else 0
 
     def record(
         self,
@@ -99,9 +121,10 @@ class AuditTrail:
         source: str | None = None,
         detail: dict[str, object] | None = None,
     ) -> None:
-        """Queue one event (cheap: the hot path calls this). Detail names are the caller's
-        own words; values may be request text (bounded by the caller, and here again when a
-        row would pass ``MAX_ROW_CHARS``)."""
+        """Queue one event, and write it to the journal, before the response it describes
+        is sent (cheap: the hot path calls this). Detail names are the caller's own words;
+        values may be request text (bounded by the caller, and here again when a row would
+        pass ``MAX_ROW_CHARS``)."""
         request_id = requestid.CURRENT.get()
         if request_id is not None:
             detail = {**detail, "request_id": request_id} if detail else {"request_id": request_id}
@@ -115,8 +138,71 @@ class AuditTrail:
             self.dropped += 1
             self._unreported["dropped"] += 1
             return
-        self._queued_bytes += size
-        self._queue.append((AuditEvent(now_ms(), kind, outcome, client_id, source, detail), size))
+        event = AuditEvent(now_ms(), kind, outcome, client_id, source, detail)
+        line = journal.encode(event) if self._journal is not None else b""
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            if self._journal is not None:
+                self._journal.append(seq, line)
+            self._queued_bytes += size
+            self._queue.append((event, size, seq))
+
+    def take_over_orphans(self) -> Counter[str]:
+        """Queue the records of journal segments whose process died (blocking); the tokens
+        they record as issued, per app, for the usage counts they never reached."""
+        issued = Counter[str]()
+        if self._journal is None:
+            return issued
+        for orphan in self._journal.orphans():
+            with self._lock:
+                for event in orphan.events:
+                    size = _size(event.client_id, event.source, event.detail) + EVENT_OVERHEAD
+                    self._queue.append((event, size, self._next_seq))
+                    self._queued_bytes += size
+                    self._next_seq += 1
+                self._journal.adopt(orphan, self._next_seq - 1)
+            for event in orphan.events:
+                if event.kind == "token" and event.outcome == "issued" and event.client_id:
+                    issued[event.client_id] += 1
+            log.warning(
+                "took over %d audit records left by a stopped process (%s)%s",
+                len(orphan.events),
+                orphan.path.name,
+                f"; {orphan.unreadable} unreadable lines skipped" if orphan.unreadable else "",
+            )
+        return issued
+
+    def seal_journal(self) -> None:
+        """Start a new journal segment before a flush (which can then release the old)."""
+        if self._journal is not None:
+            with self._lock:
+                self._journal.seal()
+            self._journal.sync()
+
+    def release_journal(self) -> None:
+        """Delete the journal segments whose records are all in the database."""
+        if self._journal is not None:
+            with self._lock:
+                self._journal.release(self._oldest_unwritten())
+
+    def close_journal(self) -> None:
+        """At exit, after the last flush: what the database did not take stays on disk for
+        the next worker to take over."""
+        if self._journal is None:
+            return
+        self._journal.sync()
+        with self._lock:
+            waiting = self._journal.close(self._oldest_unwritten())
+        if waiting:
+            log.warning(
+                "%d audit records wait in %d journal segments for the next start",
+                len(self._queue),
+                waiting,
+            )
+
+    def _oldest_unwritten(self) -> int:
+        return self._queue[0][2] if self._queue else self._next_seq
 
     def flush(self) -> int:
         """Write queued events to the store and the log (blocking); the number written.
@@ -128,13 +214,13 @@ class AuditTrail:
         try:
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                self._queued_bytes -= sum(size for _, size in batch)
+                self._queued_bytes -= sum(size for _, size, _ in batch)
                 written += self._write(batch)
         finally:
             self._report_losses()
         return written
 
-    def _write(self, batch: list[tuple[AuditEvent, int]]) -> int:
+    def _write(self, batch: list[tuple[AuditEvent, int, int]]) -> int:
         """Write ``batch``; a refused part is split until the refused records stand alone,
         and those are dropped. On any other failure what is unwritten goes back on the
         queue, in order."""
@@ -143,7 +229,7 @@ class AuditTrail:
         while pending:
             part = pending.pop()
             try:
-                self._store.add_audit_events([event for event, _ in part])
+                self._store.add_audit_events([event for event, _, _ in part])
             except RejectedRecords as exc:
                 if len(part) > 1:
                     middle = len(part) // 2
@@ -157,7 +243,7 @@ class AuditTrail:
                     self._queue.appendleft(item)
                     self._queued_bytes += item[1]
                 raise
-            self._log([event for event, _ in part])
+            self._log([event for event, _, _ in part])
             written += len(part)
         return written
 
@@ -179,6 +265,12 @@ class AuditTrail:
                 self._max_queued_bytes // (1024 * 1024),
                 self._unreported["dropped"],
             )
+        if self._journal is not None and self._journal.failures > self._reported_failures:
+            log.error(
+                "%d audit records could not be written to the journal (see the errors above)",
+                self._journal.failures - self._reported_failures,
+            )
+            self._reported_failures = self._journal.failures
         if self._unreported["suppressed"]:
             log.warning(
                 "%d more refusals were recorded but not logged (see `leanauth audit list`)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from leanauth import metrics
@@ -70,6 +71,11 @@ class UsageCounter:
 
     def count(self, client_id: str) -> None:
         self._pending[client_id] += 1
+
+    def add(self, tokens: Mapping[str, int]) -> None:
+        """Count tokens issued elsewhere: by a worker that died before its flush (they
+        count in the windows current now)."""
+        self._pending.update(tokens)
 
     def flush(self) -> None:
         """Add local counts to the store and read the cluster's totals (blocking)."""

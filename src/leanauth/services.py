@@ -14,8 +14,10 @@ from leanauth import metrics, registry
 from leanauth.audit import AuditTrail
 from leanauth.bootstrap import Runtime
 from leanauth.cache import RegistryCache
+from leanauth.journal import Journal, JournalUnavailable, database_tag, ensure_folder
 from leanauth.notify import listener_for
 from leanauth.quotas import UsageCounter
+from leanauth.settings import Settings, SettingsError
 from leanauth.throttle import FailureThrottle, SourceAddress
 from leanauth.tokens import TokenIssuer
 
@@ -53,25 +55,35 @@ class Services:
             throttle=FailureThrottle(settings),
             usage=UsageCounter(runtime.store),
             audit=AuditTrail(
-                runtime.store, settings.audit_log, settings.audit_queue_mb * 1024 * 1024
+                runtime.store,
+                settings.audit_log,
+                settings.audit_queue_mb * 1024 * 1024,
+                open_journal(settings),
             ),
             source_address=SourceAddress(settings.trusted_proxies),
         )
 
     def flush(self) -> None:
         """Write what requests recorded in memory to the store (blocking); what cannot be
-        written now is kept for the next flush."""
+        written now is kept for the next flush. Journal segments go once both their audit
+        records and the usage counts of their tokens are in the store."""
+        self.usage.add(self.audit.take_over_orphans())
+        self.audit.seal_journal()
         steps = (
             ("secret_use", self._flush_secret_use),
             ("usage", self.usage.flush),
             ("audit", self.audit.flush),
         )
+        failed = set()
         for name, step in steps:
             try:
                 step()
             except Exception as exc:
+                failed.add(name)
                 metrics.BACKGROUND_WRITE_FAILURES.inc(name)
                 log.warning("background write failed (will retry): %s", exc)
+        if "usage" not in failed:
+            self.audit.release_journal()
 
     def metrics_sample(self) -> dict[str, float]:
         """The gauges (and the audit trail's own counts) for this process's metrics snapshot;
@@ -111,6 +123,34 @@ class Services:
             log.info(
                 "rotated the signing key automatically: %s signs from %d", key.kid, key.activates_at
             )
+
+
+def open_journal(settings: Settings) -> Journal | None:
+    """This process's audit journal (None when LEANAUTH_JOURNAL_DIR is ``off``)."""
+    folder = settings.journal_folder
+    if folder is None:
+        return None
+    try:
+        return Journal(folder, database_tag(settings.database_url))
+    except JournalUnavailable as exc:
+        raise _unusable(exc) from None
+
+
+def check_journal_folder(settings: Settings) -> None:
+    """Refuse, before any worker starts, a journal folder that cannot be made or written."""
+    folder = settings.journal_folder
+    if folder is not None:
+        try:
+            ensure_folder(folder)
+        except JournalUnavailable as exc:
+            raise _unusable(exc) from None
+
+
+def _unusable(exc: JournalUnavailable) -> SettingsError:
+    return SettingsError(
+        f"LEANAUTH_JOURNAL_DIR: cannot keep the audit journal in {exc} "
+        "(set a writable folder, or 'off')"
+    )
 
 
 class Housekeeper:

@@ -111,6 +111,10 @@ class Settings:
     # LEANAUTH_AUDIT_QUEUE_MB: memory each process may fill with audit records waiting for
     # the database (during an outage); past it new records are dropped, counted and logged.
     audit_queue_mb: int = 64
+    # LEANAUTH_JOURNAL_DIR: where each worker journals the audit records it has not yet
+    # written to the database (a worker that dies loses none); "off": no journal.
+    # Default: ``journal/`` beside the SQLite database, else ``var/journal``.
+    journal_dir: str = ""
     # LEANAUTH_AUDIT_RETENTION_DAYS: audit records older than this are deleted (hourly).
     audit_retention_days: int = 90
     # LEANAUTH_CUSTOMERS_API: serve the Customers API (/customers/v1/) on this server.
@@ -153,6 +157,13 @@ class Settings:
         """Where local files live: beside the SQLite database, else ``var/``."""
         db = self.sqlite_path
         return db.parent if db is not None else Path("var")
+
+    @property
+    def journal_folder(self) -> Path | None:
+        """The audit journal's folder; None when the journal is off."""
+        if self.journal_dir.lower() == "off":
+            return None
+        return Path(self.journal_dir) if self.journal_dir else self.data_dir / "journal"
 
     def kek_file(self) -> Path:
         if self.key_encryption_key_file is not None:
@@ -205,6 +216,7 @@ class Settings:
                 "MAX_REVOCATIONS_PER_APP", cls.max_revocations_per_app, 1, 10_000_000
             ),
             audit_log=reader.choice("AUDIT_LOG", cls.audit_log, ("all", "failures", "none")),
+            journal_dir=reader.text("JOURNAL_DIR", cls.journal_dir),
             audit_queue_mb=reader.integer("AUDIT_QUEUE_MB", cls.audit_queue_mb, 1, 16_384),
             customers_api=reader.boolean("CUSTOMERS_API", cls.customers_api),
             audit_retention_days=reader.integer(

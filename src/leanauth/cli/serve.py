@@ -16,7 +16,8 @@ from leanauth import registry
 from leanauth.bootstrap import Runtime
 from leanauth.cli.common import emit, fail, json_option, load_settings, runtime
 from leanauth.safetext import masked_url
-from leanauth.settings import Settings
+from leanauth.services import check_journal_folder
+from leanauth.settings import Settings, SettingsError
 from leanauth.store.engine import exposed_database_warning
 
 log = logging.getLogger("leanauth.serve")
@@ -67,6 +68,10 @@ def serve(host: str | None, port: int | None, workers: int, as_json: bool) -> No
         fail(refused)
     with runtime(settings=settings) as rt:
         settings = rt.settings
+    try:
+        check_journal_folder(settings)
+    except SettingsError as exc:
+        fail(str(exc))
     # Once, here in the parent: the workers open the same file.
     warning = exposed_database_warning(settings.database_url)
     if warning:
