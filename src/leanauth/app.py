@@ -13,10 +13,11 @@ from starlette.applications import Starlette
 
 from leanauth import metrics, requestid
 from leanauth.bootstrap import Runtime, open_runtime
+from leanauth.clock import CHECK_INTERVAL, ClockCheck
 from leanauth.endpoints.customers import customers_routes
 from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
 from leanauth.endpoints.health import WATCHDOG_INTERVAL, Watchdog, health_routes
-from leanauth.endpoints.oauth import oauth_routes
+from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY, oauth_routes
 from leanauth.endpoints.prometheus import metrics_routes
 from leanauth.endpoints.token import TokenEndpoint
 from leanauth.logs import configure_logging
@@ -49,18 +50,21 @@ class LeanAuthApp:
         if settings.key_rotation_days:
             jobs.append((KEY_ROTATION_CHECK_INTERVAL, services.rotate_key_if_due))
         watchdog = Watchdog(self.cache, settings.introspection_max_staleness)
-        jobs.append((WATCHDOG_INTERVAL, watchdog.check))
+        clock = ClockCheck(runtime.store, settings.max_clock_skew, TOKEN_TIME_LEEWAY)
+        jobs.append((CHECK_INTERVAL, clock.check))
         # Requests count in memory; the housekeeper's thread writes this process's snapshot
         # once a second (and at exit) for a scrape to merge (leanauth.metrics says why).
         directory = metrics.metrics_directory(settings.metrics_dir)
         self.metrics = metrics.SnapshotWriter(directory, services.metrics_sample)
         jobs.append((metrics.SNAPSHOT_INTERVAL, self.metrics.write))
-        self._housekeeper = Housekeeper(jobs, final=(self.metrics.write,))
+        self._housekeeper = Housekeeper(
+            jobs, final=(self.metrics.write,), inline=[(WATCHDOG_INTERVAL, watchdog.check)]
+        )
         # Set by the worker when a drain begins: readiness then fails at once.
         self.draining = False
         routes = discovery_routes(settings, self.cache) + oauth_routes(services)
         routes += health_routes(
-            self.cache, settings.introspection_max_staleness, lambda: self.draining
+            self.cache, settings.introspection_max_staleness, lambda: self.draining, clock
         )
         if settings.customers_api:
             routes += customers_routes(services)
@@ -82,7 +86,7 @@ class LeanAuthApp:
             services.throttle.stop()
             # What the last second's requests left in memory reaches the store (what it
             # cannot take waits in the journal for the next worker).
-            await asyncio.to_thread(services.flush)
+            await asyncio.to_thread(services.flush, final=True)
             services.audit.close_journal()
             services.runtime.store.close()
 

@@ -8,21 +8,29 @@ keys and revocations are re-read every ``REGISTRY_REFRESH_INTERVAL`` seconds, an
 customers included, every ``FULL_LOAD_INTERVAL`` seconds, or when the feed could not be read
 for so long that it may have been pruned meanwhile. A new load is built aside and swapped in
 whole: the view is never empty.
+
+The few store calls requests do make (a customer id that may be new, the Customers API,
+revocations) run on :class:`StoreCalls`: threads of their own, and a deadline per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 from leanauth import metrics
 from leanauth.directory import CustomerDirectory, NewIdLookups, id_key
 from leanauth.keys import KeyCipher, KeyRing, StoredKey
 from leanauth.notify import ChangeListener
+from leanauth.settings import Settings
 from leanauth.store.base import Store, StoreError
 from leanauth.store.models import App, Change, Credentials, Customer
 from leanauth.store.sqlbase import CHANGE_RETENTION
@@ -34,6 +42,75 @@ REGISTRY_REFRESH_INTERVAL = 60.0
 # current, and the full load is a rarer floor, well within the feed's retention.
 FULL_LOAD_INTERVAL = 1800.0
 STALE_FEED_AFTER = CHANGE_RETENTION / 2
+# Threads for requests' store calls. A healthy database answers them in a millisecond or
+# two, so four carry thousands a second; and four stuck on a dead connection still leave
+# the connection pool (LEANAUTH_DB_POOL_SIZE, 5, and as many again) to the background jobs.
+REQUEST_THREADS = 4
+# Requests' store calls that may wait for a thread. Past that many, the threads are stuck
+# (a healthy database empties the queue in milliseconds): a request is answered at once
+# rather than held for its whole deadline, and a flood of them holds no more memory.
+MAX_WAITING_CALLS = 64
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer a request within the request's deadline (or could not be
+    asked: every thread for requests' calls is stuck, and a queue waits for them)."""
+
+
+class StoreCalls:
+    """Runs requests' blocking store calls, each waited for at most its deadline.
+
+    The calls run on threads of their own rather than asyncio's default executor, which the
+    background jobs (the change feed, the flush of the audit trail) use: look-ups stuck on a
+    dead connection then cannot take the threads those jobs need to notice that the
+    database is back. A request that gives up answers 503 at once; its call is left to end
+    on its own (the connection's deadlines end it), and whatever it returns is dropped.
+    A call still queued when its request gives up never runs."""
+
+    def __init__(
+        self, threads: int = REQUEST_THREADS, max_waiting: int = MAX_WAITING_CALLS
+    ) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="leanauth-request-store")
+        self._limit = threads + max_waiting
+        # Calls submitted and not yet ended (running, stuck, or waiting for a thread).
+        self._unfinished = 0
+        self._lock = threading.Lock()
+
+    async def run(
+        self, timeout: float, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``call(*args, **kwargs)`` in a thread; :class:`StoreTimeout` after ``timeout``
+        seconds, or at once when the threads are stuck and ``max_waiting`` calls wait for
+        them. The call sees the request's context (its request id, for the audit)."""
+        # Only the event loop's thread submits: the count cannot grow between check and add.
+        if self._unfinished >= self._limit:
+            raise StoreTimeout(f"the database is not answering ({self._limit} calls wait)")
+        context = contextvars.copy_context()
+
+        def in_context() -> T:
+            return context.run(call, *args, **kwargs)
+
+        submitted = self._executor.submit(in_context)
+        with self._lock:
+            self._unfinished += 1
+        submitted.add_done_callback(self._ended)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(submitted), timeout)
+        except TimeoutError:
+            raise StoreTimeout(f"the database did not answer within {timeout:g}s") from None
+
+    def _ended(self, _: Future[Any]) -> None:
+        # Run by the call's thread when it ends, or by the loop's when a waiting call is
+        # cancelled (or ended before this was added).
+        with self._lock:
+            self._unfinished -= 1
+
+    def close(self) -> None:
+        """Stop taking calls; a call stuck in its thread is not waited for here."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +164,7 @@ class RegistryCache:
         self._change_cursor = 0
         self._last_full_load = self._last_registry_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.store_calls = StoreCalls()
         self.keyring: KeyRing
         self._keys: Sequence[StoredKey] = ()
 
@@ -209,6 +287,7 @@ class RegistryCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.store_calls.close()
 
     async def _follow_changes(self, wake: asyncio.Event) -> None:
         while True:
@@ -253,14 +332,21 @@ class RegistryCache:
         self.directory.add(id_key(customer.customer_id), customer.client_id)
 
     async def owns_customer(
-        self, client_id: str, customer_id: str, key: bytes, may_ask_store: bool = True
+        self,
+        client_id: str,
+        customer_id: str,
+        key: bytes,
+        may_ask_store: bool = True,
+        timeout: float = Settings.db_request_timeout,
     ) -> bool:
         """Whether app ``client_id`` owns the customer: from memory, except for an id that
         may name a customer created a moment ago on another node, which the store is asked
-        about (:class:`~leanauth.directory.NewIdLookups` bounds how often).
+        about (:class:`~leanauth.directory.NewIdLookups` bounds how often), for at most
+        ``timeout`` seconds.
 
-        Raises :class:`~leanauth.store.base.StoreError` when the store cannot answer and
-        :class:`NewIdLookupsSpent` when the app has spent this second's look-ups."""
+        Raises :class:`~leanauth.store.base.StoreError` when the store cannot answer (in
+        time: :class:`StoreTimeout`) and :class:`NewIdLookupsSpent` when the app has spent
+        this second's look-ups."""
         verdict = self.directory.owner(key, client_id)
         lookups = self._new_id_lookups
         if verdict is not None or lookups.known_missing(key):
@@ -273,7 +359,7 @@ class RegistryCache:
             metrics.CUSTOMER_LOOKUPS.inc("refused")
             raise NewIdLookupsSpent
         metrics.CUSTOMER_LOOKUPS.inc("store")
-        found = await asyncio.to_thread(self._store.get_customer, customer_id)
+        found = await self.store_calls.run(timeout, self._store.get_customer, customer_id)
         if found is None:
             lookups.remember_missing(key)
             return False

@@ -200,6 +200,14 @@ AUDIT_REJECTED = _define(
         "Audit records the database refused (dropped, alone).",
     )
 )
+AUDIT_UNJOURNALED = _define(
+    Family(
+        "leanauth_audit_records_unjournaled_total",
+        "counter",
+        "Audit records that could not be written to the journal (a full disk, say): queued, "
+        "but lost if their worker dies before the flush.",
+    )
+)
 AUDIT_QUEUED = _define(
     Family(
         "leanauth_audit_queue_records",

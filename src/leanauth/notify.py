@@ -3,11 +3,18 @@ next poll: PostgreSQL ``LISTEN/NOTIFY``, or Redis pub/sub when ``LEANAUTH_REDIS_
 
 A notification only says "look now": the change itself is read from the store's change
 feed, so a lost notification costs at most one polling interval.
+
+A listener's connection is quiet most of the time, so quiet says nothing about whether the
+server is still there: TCP keepalive finds a vanished host, and a listener that has heard
+nothing for ``PING_INTERVAL`` seconds asks the server for an answer, which must come within
+a deadline, or the connection is dropped and made again (and the cache told to look, since a
+change may have been missed meanwhile).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +25,30 @@ import redis
 
 from leanauth.safetext import without_password
 from leanauth.settings import Settings
+from leanauth.store.engine import EngineOptions, connect_postgres
 from leanauth.store.sql import NOTIFY_CHANNEL
 
 log = logging.getLogger("leanauth.notify")
 
 RECONNECT_DELAY = 1.0
+# Seconds of silence after which a listener checks that its server still answers.
+PING_INTERVAL = 5.0
+# Redis: seconds to connect and to read an answer once it has begun; a ping unanswered
+# this long after it was sent drops the connection.
+REDIS_TIMEOUT = 5.0
+# Redis connections find a vanished host as PostgreSQL ones do (leanauth.store.engine's
+# TCP_DEADLINES says why these values): keepalive after 5 s of silence, then every 2 s,
+# 3 probes; data unacknowledged for 10 s drops the connection (Linux).
+REDIS_KEEPALIVE: dict[int, int] = {
+    option: value
+    for name, value in (
+        ("TCP_KEEPIDLE", 5),
+        ("TCP_KEEPINTVL", 2),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", 10_000),
+    )
+    if (option := getattr(socket, name, None)) is not None
+}
 
 
 class ChangeListener(Protocol):
@@ -40,6 +66,7 @@ class _ListenerThread:
     def __init__(self) -> None:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failed = False
 
     def start(self, wake: Callable[[], None]) -> None:
         self._thread = threading.Thread(
@@ -57,6 +84,7 @@ class _ListenerThread:
             try:
                 self.listen_once(wake, self._stopping)
             except Exception as exc:
+                self._failed = True
                 log.warning("%s: %s; reconnecting", self.name, without_password(str(exc), self.url))
                 wake()  # something may have been missed while disconnected
                 self._stopping.wait(RECONNECT_DELAY)
@@ -64,24 +92,41 @@ class _ListenerThread:
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
         raise NotImplementedError
 
+    def listening(self, wake: Callable[[], None]) -> None:
+        """Called by ``listen_once`` once it listens: says so after a failure, and has the
+        cache catch up on anything committed before listening began."""
+        if self._failed:
+            self._failed = False
+            log.warning("%s: listening again", self.name)
+        wake()
+
 
 class PostgresListener(_ListenerThread):
     name = "postgres-listener"
 
-    def __init__(self, conninfo: str, connect_timeout: float) -> None:
+    def __init__(self, conninfo: str, options: EngineOptions) -> None:
         super().__init__()
         self._conninfo = self.url = conninfo
-        self._connect_timeout = connect_timeout
+        self._options = options
+
+    def connect(self) -> psycopg.Connection[object]:
+        """The listening connection, with the store's deadlines: connecting, TCP keepalive
+        and tcp_user_timeout, and an answer deadline for each statement."""
+        return connect_postgres(self._conninfo, self._options, autocommit=True)
 
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
-        with psycopg.connect(
-            self._conninfo, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
-        ) as conn:
+        with self.connect() as conn:
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            wake()  # catch up on anything committed before LISTEN took effect
+            self.listening(wake)
+            heard = time.monotonic()
             while not stopping.is_set():
                 for _ in conn.notifies(timeout=1.0):
+                    heard = time.monotonic()
                     wake()
+                if time.monotonic() - heard >= PING_INTERVAL:
+                    # Answered within the connection's deadline, or it is dropped.
+                    conn.execute("SELECT 1")
+                    heard = time.monotonic()
 
 
 class RedisSubscriber(_ListenerThread):
@@ -96,15 +141,30 @@ class RedisSubscriber(_ListenerThread):
         self._on_message = on_message
 
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:
-        client = redis.Redis.from_url(self._url, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_keepalive=True,
+            socket_keepalive_options=REDIS_KEEPALIVE,
+        )
         pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self._channel)
-            wake()
+            self.listening(wake)
+            heard = pinged = time.monotonic()
             while not stopping.is_set():
                 message = pubsub.get_message(timeout=1.0)
+                now = time.monotonic()
                 if message is not None:
-                    self._on_message(message["data"])
+                    heard = now
+                    if message["type"] == "message":
+                        self._on_message(message["data"])
+                elif pinged > heard and now - pinged > REDIS_TIMEOUT:
+                    raise TimeoutError(f"no answer from Redis within {REDIS_TIMEOUT:g}s")
+                elif now - max(heard, pinged) >= PING_INTERVAL:
+                    pubsub.ping()  # the pong comes back as a message
+                    pinged = now
         finally:
             pubsub.close()
             client.close()
@@ -155,7 +215,10 @@ def listener_for(settings: Settings) -> ChangeListener | None:
     if settings.redis_url:
         return RedisListener(settings.redis_url)
     if settings.database_url.startswith(("postgresql", "postgres")):
-        return PostgresListener(libpq_conninfo(settings.database_url), settings.db_connect_timeout)
+        options = EngineOptions(
+            settings.db_pool_size, settings.db_connect_timeout, settings.db_statement_timeout
+        )
+        return PostgresListener(libpq_conninfo(settings.database_url), options)
     return None
 
 

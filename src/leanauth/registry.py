@@ -1,5 +1,7 @@
 """Registry operations shared by the CLI and the HTTP surfaces: apps, secrets, customers and
-key rotation. Each change is one store transaction, then one audit record (kind ``admin``)."""
+key rotation. Each change and its audit record (kind ``admin``) are one store transaction:
+a process killed at any moment leaves both or neither, never a live secret or signing key
+that was neither printed nor audited."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -19,7 +23,7 @@ from leanauth.keys import StoredKey, new_stored_key
 from leanauth.safetext import has_control_characters
 from leanauth.scopes import ScopeClass
 from leanauth.settings import MAX_TOKEN_TTL, MIN_TOKEN_TTL
-from leanauth.store.base import NotFound
+from leanauth.store.base import NotFound, StoreError
 from leanauth.store.models import App, AuditEvent, ClientSecret, Customer
 
 log = logging.getLogger("leanauth.audit")
@@ -53,10 +57,41 @@ def time_ordered_uuid() -> tuple[uuid.UUID, int]:
     return uuid.UUID(int=value), ms
 
 
-def _audit(runtime: Runtime, action: str, client_id: str | None, **detail: object) -> None:
-    event = AuditEvent(now_ms(), "admin", action, client_id, runtime.actor, detail or None)
-    runtime.store.add_audit_events([event])
-    log.info("%s", orjson.dumps(audit_record(event)).decode())
+@dataclass
+class _AuditNotes:
+    """The audit records an admin change notes as it learns what it did."""
+
+    actor: str
+    events: list[AuditEvent] = field(default_factory=list)
+
+    def add(self, action: str, client_id: str | None, **detail: object) -> None:
+        self.events.append(
+            AuditEvent(now_ms(), "admin", action, client_id, self.actor, detail or None)
+        )
+
+
+@contextmanager
+def _audited(runtime: Runtime) -> Iterator[_AuditNotes]:
+    """One admin change: the store calls made in the block and the audit records noted in it
+    commit in one transaction, or nothing does. The records' log lines follow the commit, so
+    none tells of a change that was rolled back."""
+    notes = _AuditNotes(runtime.actor)
+    with runtime.store.atomic():
+        yield notes
+        _write_audit(runtime, notes.events)
+    for event in notes.events:
+        log.info("%s", orjson.dumps(audit_record(event)).decode())
+
+
+def _write_audit(runtime: Runtime, events: list[AuditEvent]) -> None:
+    try:
+        runtime.store.add_audit_events(events)
+    except StoreError as exc:
+        # Raised inside the transaction: the change is rolled back with it. The same class,
+        # so that a refusal of the records stays one (RejectedRecords).
+        raise type(exc)(
+            f"the audit record could not be written, so nothing changed: {exc}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -99,8 +134,9 @@ def create_app(
         str(uuid.uuid4()), name, scopes, token_ttl, True, now, introspect, quota_hourly, quota_daily
     )
     plaintext, record = _issue_secret(runtime, app.client_id, now)
-    runtime.store.create_app(app, record)
-    _audit(runtime, "app.create", app.client_id, name=name, secret_id=record.secret_id)
+    with _audited(runtime) as audit:
+        runtime.store.create_app(app, record)
+        audit.add("app.create", app.client_id, name=name, secret_id=record.secret_id)
     return NewCredentials(app, plaintext, record.secret_id)
 
 
@@ -118,21 +154,24 @@ def rotate_secret(
     now = int(time.time())
     live = frozenset(s.secret_id for s in runtime.store.list_secrets(client_id) if s.live_at(now))
     plaintext, record = _issue_secret(runtime, client_id, now)
-    runtime.store.rotate_secret(record, now, now + grace, live)
-    _audit(runtime, "secret.rotate", client_id, secret_id=record.secret_id, grace=grace)
+    with _audited(runtime) as audit:
+        runtime.store.rotate_secret(record, now, now + grace, live)
+        audit.add("secret.rotate", client_id, secret_id=record.secret_id, grace=grace)
     return NewCredentials(app, plaintext, record.secret_id)
 
 
 def revoke_secret(runtime: Runtime, client_id: str, secret_id: str) -> None:
-    runtime.store.revoke_secret(client_id, secret_id, int(time.time()))
-    _audit(runtime, "secret.revoke", client_id, secret_id=secret_id)
+    with _audited(runtime) as audit:
+        runtime.store.revoke_secret(client_id, secret_id, int(time.time()))
+        audit.add("secret.revoke", client_id, secret_id=secret_id)
 
 
 def set_enabled(runtime: Runtime, client_id: str, enabled: bool) -> App:
     """Enable or disable an app. A disabled app gets no token, and the tokens it holds are
     refused by this server's own checks (Customers API, introspection) until it is enabled."""
-    app = runtime.store.set_app_enabled(client_id, enabled)
-    _audit(runtime, "app.enable" if enabled else "app.disable", client_id)
+    with _audited(runtime) as audit:
+        app = runtime.store.set_app_enabled(client_id, enabled)
+        audit.add("app.enable" if enabled else "app.disable", client_id)
     return app
 
 
@@ -143,8 +182,9 @@ def revoke_app_tokens(runtime: Runtime, client_id: str) -> App:
     come: a node that has not heard of the change yet then issues tokens that count (one that
     has waits for it in the token endpoint)."""
     not_before = int(time.time()) + 1
-    app = runtime.store.update_app(client_id, tokens_not_before=not_before)
-    _audit(runtime, "app.revoke_tokens", client_id, not_before=not_before)
+    with _audited(runtime) as audit:
+        app = runtime.store.update_app(client_id, tokens_not_before=not_before)
+        audit.add("app.revoke_tokens", client_id, not_before=not_before)
     time.sleep(max(0.0, not_before - time.time()))
     return app
 
@@ -157,8 +197,9 @@ def check_quotas(hourly: int | None, daily: int | None) -> None:
 
 def set_quotas(runtime: Runtime, client_id: str, hourly: int | None, daily: int | None) -> App:
     check_quotas(hourly, daily)
-    app = runtime.store.update_app(client_id, quota_hourly=hourly, quota_daily=daily)
-    _audit(runtime, "app.quota", client_id, quota_hourly=hourly, quota_daily=daily)
+    with _audited(runtime) as audit:
+        app = runtime.store.update_app(client_id, quota_hourly=hourly, quota_daily=daily)
+        audit.add("app.quota", client_id, quota_hourly=hourly, quota_daily=daily)
     return app
 
 
@@ -177,15 +218,17 @@ def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Custo
     require_app(runtime, client_id)
     customer_id, created_ms = time_ordered_uuid()
     customer = Customer(str(customer_id), client_id, app_user_id, created_ms // 1000)
-    runtime.store.create_customer(customer)
-    _audit(runtime, "customer.create", client_id, customer_id=customer.customer_id)
+    with _audited(runtime) as audit:
+        runtime.store.create_customer(customer)
+        audit.add("customer.create", client_id, customer_id=customer.customer_id)
     return customer
 
 
 def delete_customer(runtime: Runtime, client_id: str, customer_id: str) -> None:
     """Remove a customer: its tokens can no longer be had (those issued live out their time)."""
-    runtime.store.delete_customer(client_id, customer_id.lower())
-    _audit(runtime, "customer.delete", client_id, customer_id=customer_id.lower())
+    with _audited(runtime) as audit:
+        runtime.store.delete_customer(client_id, customer_id.lower())
+        audit.add("customer.delete", client_id, customer_id=customer_id.lower())
 
 
 def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = False) -> StoredKey:
@@ -200,11 +243,12 @@ def rotate_key(runtime: Runtime, alg: str | None = None, immediately: bool = Fal
     candidate = new_stored_key(
         alg or runtime.settings.signing_alg, runtime.cipher, now, activates_at
     )
-    key = runtime.store.rotate_key(
-        candidate, now, keep_within=_activation_margin(runtime), seen_waiting=seen_waiting
-    )
-    assert key is not None
-    _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
+    with _audited(runtime) as audit:
+        key = runtime.store.rotate_key(
+            candidate, now, keep_within=_activation_margin(runtime), seen_waiting=seen_waiting
+        )
+        assert key is not None
+        _note_rotation(audit, key)
     return key
 
 
@@ -217,15 +261,15 @@ def revoke_key(runtime: Runtime, kid: str) -> tuple[StoredKey, StoredKey | None]
     if key is None:
         raise NotFound(f"no signing key {kid}")
     replacement = new_stored_key(key.alg, runtime.cipher, now)
-    revoked, signer = runtime.store.revoke_key(kid, now, replacement)
-    _audit(
-        runtime,
-        "key.revoke",
-        None,
-        kid=kid,
-        replaced_by=signer.kid if signer is not None else None,
-    )
+    with _audited(runtime) as audit:
+        revoked, signer = runtime.store.revoke_key(kid, now, replacement)
+        audit.add("key.revoke", None, kid=kid, replaced_by=signer.kid if signer else None)
     return revoked, signer
+
+
+def _note_rotation(audit: _AuditNotes, key: StoredKey) -> None:
+    # The key as stored: the store may have queued it behind waiting keys (activates_at).
+    audit.add("key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
 
 
 def _activation_margin(runtime: Runtime) -> int:
@@ -243,10 +287,10 @@ def rotate_key_if_due(runtime: Runtime, now: int) -> StoredKey | None:
     candidate = new_stored_key(
         runtime.settings.signing_alg, runtime.cipher, now, now + runtime.settings.key_prepublish
     )
-    key = runtime.store.rotate_key(
-        candidate, now, created_before=due_before, keep_within=_activation_margin(runtime)
-    )
-    if key is None:
-        return None
-    _audit(runtime, "key.rotate", None, kid=key.kid, alg=key.alg, activates_at=key.activates_at)
+    with _audited(runtime) as audit:
+        key = runtime.store.rotate_key(
+            candidate, now, created_before=due_before, keep_within=_activation_margin(runtime)
+        )
+        if key is not None:
+            _note_rotation(audit, key)
     return key

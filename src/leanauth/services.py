@@ -63,10 +63,12 @@ class Services:
             source_address=SourceAddress(settings.trusted_proxies),
         )
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         """Write what requests recorded in memory to the store (blocking); what cannot be
         written now is kept for the next flush. Journal segments go once both their audit
-        records and the usage counts of their tokens are in the store."""
+        records and the usage counts of their tokens are in the store. The ``final`` flush
+        (at exit) stops at the first failure: with the database away, each step would wait
+        out its own deadline, and the journal keeps the records for the next start anyway."""
         self.usage.add(self.audit.take_over_orphans())
         self.audit.seal_journal()
         steps = (
@@ -82,6 +84,8 @@ class Services:
                 failed.add(name)
                 metrics.BACKGROUND_WRITE_FAILURES.inc(name)
                 log.warning("background write failed (will retry): %s", exc)
+                if final:
+                    return
         if "usage" not in failed:
             self.audit.release_journal()
 
@@ -94,6 +98,7 @@ class Services:
             metrics.AUDIT_QUEUED.name: self.audit.queued,
             metrics.AUDIT_DROPPED.name: self.audit.dropped,
             metrics.AUDIT_REJECTED.name: self.audit.rejected,
+            metrics.AUDIT_UNJOURNALED.name: self.audit.unjournaled,
             metrics.REGISTRY_STALENESS.name: time.time() - synced_ago,
             metrics.REGISTRY_APPS.name: cache.app_count,
             metrics.REGISTRY_CUSTOMERS.name: cache.directory.size,
@@ -155,19 +160,24 @@ def _unusable(exc: JournalUnavailable) -> SettingsError:
 
 class Housekeeper:
     """Runs blocking background jobs in a worker thread, each on its own interval, and the
-    ``final`` jobs once more when it stops (the last metrics snapshot)."""
+    ``final`` jobs once more when it stops (the last metrics snapshot). ``inline`` jobs only
+    look at memory: they run on the event loop, so that threads stuck on a dead database
+    cannot hold them up (the watchdog that reports a stuck node is one)."""
 
     def __init__(
         self,
         jobs: list[tuple[float, Callable[[], None]]],
         final: tuple[Callable[[], None], ...] = (),
+        inline: list[tuple[float, Callable[[], None]]] | None = None,
     ) -> None:
         self._jobs = jobs
         self._final = final
+        self._inline = inline or []
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._every(i, job)) for i, job in self._jobs]
+        self._tasks += [asyncio.create_task(self._inline_every(i, job)) for i, job in self._inline]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -180,6 +190,15 @@ class Housekeeper:
                 await asyncio.to_thread(job)
             except Exception:
                 log.exception("background job failed")
+
+    @staticmethod
+    async def _inline_every(interval: float, job: Callable[[], None]) -> None:
+        while True:
+            try:
+                job()
+            except Exception:
+                log.exception("background job failed")
+            await asyncio.sleep(interval)
 
     @staticmethod
     async def _every(interval: float, job: Callable[[], None]) -> None:

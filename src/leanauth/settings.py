@@ -52,6 +52,9 @@ class Settings:
     db_pool_size: int = 5
     db_connect_timeout: float = 5.0
     db_statement_timeout: float = 5.0
+    # LEANAUTH_DB_REQUEST_TIMEOUT: seconds a request waits for the database (a customer id
+    # that may be new, the Customers API, a revocation) before it is answered 503.
+    db_request_timeout: float = 2.0
     # LEANAUTH_REDIS_URL: optional Redis (redis://host:port/db) for cluster-wide fast state and
     # change notifications; without it each node keeps that state in process.
     redis_url: str | None = field(default=None, repr=False)
@@ -102,6 +105,10 @@ class Settings:
     # successful refresh before introspection answers 503 rather than risk a wrong answer;
     # at least twice LEANAUTH_REFRESH_INTERVAL (a healthy node refreshes that often).
     introspection_max_staleness: float = 10.0
+    # LEANAUTH_MAX_CLOCK_SKEW: seconds this node's clock may be off from the database's
+    # (PostgreSQL) before it says so in its log and in /readyz; at most the 30 s the token
+    # checks allow between nodes, past which the node is not ready (leanauth.clock).
+    max_clock_skew: float = 5.0
     # LEANAUTH_MAX_REVOCATIONS_PER_APP: live revocations (RFC 7009) one app may hold; every
     # node keeps them in memory until the revoked tokens expire.
     max_revocations_per_app: int = 10_000
@@ -185,6 +192,9 @@ class Settings:
             db_statement_timeout=reader.number(
                 "DB_STATEMENT_TIMEOUT", cls.db_statement_timeout, 0.1, 600
             ),
+            db_request_timeout=reader.number(
+                "DB_REQUEST_TIMEOUT", cls.db_request_timeout, 0.1, 600
+            ),
             redis_url=reader.redis_url(),
             host=host,
             port=port,
@@ -212,6 +222,7 @@ class Settings:
             introspection_max_staleness=reader.number(
                 "INTROSPECTION_MAX_STALENESS", cls.introspection_max_staleness, 1, 3600
             ),
+            max_clock_skew=reader.number("MAX_CLOCK_SKEW", cls.max_clock_skew, 0.1, 30),
             max_revocations_per_app=reader.integer(
                 "MAX_REVOCATIONS_PER_APP", cls.max_revocations_per_app, 1, 10_000_000
             ),

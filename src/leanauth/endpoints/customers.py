@@ -11,10 +11,10 @@ answered per RFC 6750 with a ``WWW-Authenticate: Bearer`` challenge.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -34,11 +34,21 @@ MAX_BODY_BYTES = 4096
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
-def lean_error(status_code: int, status: str, message: str) -> JSONResponse:
+
+def lean_error(
+    status_code: int, status: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     body = {"status": status, "message": message, "timestamp": timestamp}
-    return JSONResponse(body, status_code, headers={"cache-control": "no-store"})
+    return JSONResponse(body, status_code, headers={"cache-control": "no-store", **(headers or {})})
+
+
+def unavailable() -> JSONResponse:
+    """The database could not answer (in time): retry in a second (RFC 9110 §10.2.3)."""
+    return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.", {"retry-after": "1"})
 
 
 def customer_body(customer: Customer) -> dict[str, Any]:
@@ -50,6 +60,14 @@ class CustomersApi:
         self._services = services
         settings = services.runtime.settings
         self._audiences = {settings.api_audience, settings.customer_audience}
+        self._store_timeout = settings.db_request_timeout
+
+    async def _ask_store(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A store call on the requests' own threads, waited for at most
+        LEANAUTH_DB_REQUEST_TIMEOUT seconds (then :class:`StoreTimeout`, a StoreError). A
+        create given up on may still commit afterwards: retried, it answers 409."""
+        calls = self._services.cache.store_calls
+        return await calls.run(self._store_timeout, call, *args, **kwargs)
 
     def _token(self, request: Request) -> VerifiedToken:
         """This server's own check of a bearer token: signature, expiry, audience, revocation."""
@@ -75,7 +93,7 @@ class CustomersApi:
         if isinstance(app_user_id, Response):
             return app_user_id
         try:
-            customer = await asyncio.to_thread(
+            customer = await self._ask_store(
                 registry.create_customer, self._services.runtime, token.client_id, app_user_id
             )
         except AlreadyExists:
@@ -83,7 +101,7 @@ class CustomersApi:
                 409, "CUSTOMER_ALREADY_EXISTS", "A customer with this app_user_id exists."
             )
         except StoreError:
-            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+            return unavailable()
         self._services.cache.customer_added(customer)
         return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})
 
@@ -105,9 +123,9 @@ class CustomersApi:
             ).response()
         store = self._services.runtime.store
         try:
-            customer = await asyncio.to_thread(store.get_customer, customer_id)
+            customer = await self._ask_store(store.get_customer, customer_id)
         except StoreError:
-            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+            return unavailable()
         # Another app's customer is as unknown as a customer that does not exist.
         if customer is None or customer.client_id != token.client_id:
             return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
@@ -128,9 +146,9 @@ class CustomersApi:
             return lean_error(400, "INVALID_PARAMETERS", f"size must be 1 to {MAX_PAGE}.")
         store = self._services.runtime.store
         try:
-            page = await asyncio.to_thread(store.list_customers, token.client_id, size + 1, after)
+            page = await self._ask_store(store.list_customers, token.client_id, size + 1, after)
         except StoreError:
-            return lean_error(503, "SERVICE_UNAVAILABLE", "Try again shortly.")
+            return unavailable()
         data = [customer_body(c) for c in page[:size]]
         following = page[size - 1].customer_id if len(page) > size else None
         return JSONResponse(

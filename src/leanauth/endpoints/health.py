@@ -4,7 +4,10 @@
 - ``GET /readyz``: 200 when this node can issue and check tokens correctly: its registry view
   and signing keys are loaded and fresher than ``LEANAUTH_INTROSPECTION_MAX_STALENESS``;
   503 with the reason otherwise, and 503 from the moment a drain begins (SIGTERM), so that
-  balancers stop sending traffic before the node stops accepting it.
+  balancers stop sending traffic before the node stops accepting it. On PostgreSQL the body
+  also gives this node's clock offset from the database's (``clock_offset``, seconds ahead)
+  and, past ``LEANAUTH_MAX_CLOCK_SKEW``, a ``warnings`` list; past the 30 s the token checks
+  allow between nodes, 503 (see :mod:`leanauth.clock`).
 - ``GET /healthz``: the same as ``/readyz`` (its earlier name), with the signing key's id.
 """
 
@@ -20,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from leanauth.cache import RegistryCache
+from leanauth.clock import ClockCheck
 
 log = logging.getLogger("leanauth.health")
 
@@ -28,14 +32,16 @@ NO_STORE = {"cache-control": "no-store"}
 WATCHDOG_INTERVAL = 1.0
 
 
-def readiness(cache: RegistryCache, max_staleness: float, draining: bool) -> str | None:
+def readiness(
+    cache: RegistryCache, max_staleness: float, draining: bool, clock: ClockCheck | None = None
+) -> str | None:
     """Why this node is not ready, or None when it is."""
     if draining:
         return "draining"
     age = time.monotonic() - cache.synced_at
     if age > max_staleness:
         return f"registry view {age:.0f}s old (bound {max_staleness:g}s)"
-    return None
+    return clock.not_ready() if clock is not None else None
 
 
 class Watchdog:
@@ -64,7 +70,10 @@ class Watchdog:
 
 
 def health_routes(
-    cache: RegistryCache, max_staleness: float, is_draining: Callable[[], bool]
+    cache: RegistryCache,
+    max_staleness: float,
+    is_draining: Callable[[], bool],
+    clock: ClockCheck | None = None,
 ) -> list[Route]:
     def answer(body: dict[str, object], ready: bool) -> Response:
         status = 200 if ready else 503
@@ -74,10 +83,12 @@ def health_routes(
         return answer({"status": "ok"}, True)
 
     async def readyz(_: Request) -> Response:
-        reason = readiness(cache, max_staleness, is_draining())
+        reason = readiness(cache, max_staleness, is_draining(), clock)
+        clock_fields = clock.report() if clock is not None else {}
         if reason is not None:
-            return answer({"status": "unavailable", "reason": reason}, False)
-        return answer({"status": "ok", "signing_key": cache.keyring.signer.kid}, True)
+            return answer({"status": "unavailable", "reason": reason, **clock_fields}, False)
+        signer = cache.keyring.signer.kid
+        return answer({"status": "ok", "signing_key": signer, **clock_fields}, True)
 
     return [
         Route("/livez", livez, methods=["GET"]),

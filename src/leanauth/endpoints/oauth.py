@@ -6,7 +6,6 @@ failure, same throttle) and check tokens against this server's own published key
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -138,7 +137,12 @@ class RevocationEndpoint(TokenCheckEndpoint):
         revoked = RevokedToken(claims["jti"], caller.client_id, last_valid, int(now))
         cap = services.runtime.settings.max_revocations_per_app
         try:
-            await asyncio.to_thread(services.runtime.store.revoke_token, revoked, cap)
+            await services.cache.store_calls.run(
+                services.runtime.settings.db_request_timeout,
+                services.runtime.store.revoke_token,
+                revoked,
+                cap,
+            )
         except LimitReached as full:
             raise TooManyRequests(
                 f"This app may hold {cap} revocations of live tokens at once.",

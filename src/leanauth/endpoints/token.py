@@ -64,9 +64,14 @@ async def authorize_scope(
     may_ask_store = not services.throttle.scope_blocked(app.client_id, time.time())
     try:
         owned = await services.cache.owns_customer(
-            app.client_id, requested.customer_id, requested.customer_key, may_ask_store
+            app.client_id,
+            requested.customer_id,
+            requested.customer_key,
+            may_ask_store,
+            services.runtime.settings.db_request_timeout,
         )
     except StoreError as exc:
+        # Past the deadline too: no token is issued once the request has given up waiting.
         raise TemporarilyUnavailable(detail=str(exc)) from exc
     except NewIdLookupsSpent:
         raise TemporarilyUnavailable(detail="new customer look-ups spent") from None

@@ -1,11 +1,13 @@
 """The storage contract every backend implements (SQLite and PostgreSQL through SQLAlchemy).
 
-Handlers never write SQL: they call this interface. Every method is one transaction.
+Handlers never write SQL: they call this interface. Every method is one transaction, and
+the calls made inside :meth:`Store.atomic` are one together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from leanauth.keys import StoredKey
@@ -64,6 +66,11 @@ class Store(Protocol):
         """The schema's migration revision; None for an empty database."""
 
     def close(self) -> None: ...
+
+    def atomic(self) -> AbstractContextManager[None]:
+        """The calls made in the block (in this thread or task) commit together when it
+        ends, or none does when it raises: an admin change and its audit record are one
+        transaction. A block inside another joins it."""
 
     # Apps and their secrets
     def create_app(self, app: App, secret: ClientSecret) -> None: ...
@@ -126,3 +133,7 @@ class Store(Protocol):
     # Change feed for cache freshness across processes
     def latest_change_id(self) -> int: ...
     def changes_since(self, change_id: int) -> Sequence[Change]: ...
+
+    def database_time(self) -> float | None:
+        """The database server's clock now, in seconds since the epoch (to compare this
+        node's with); None when the database has no clock of its own (SQLite)."""

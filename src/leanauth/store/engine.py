@@ -1,4 +1,9 @@
-"""Database engines for the SQLAlchemy store: SQLite (embedded) and PostgreSQL (psycopg 3)."""
+"""Database engines for the SQLAlchemy store: SQLite (embedded) and PostgreSQL (psycopg 3).
+
+Every wait on PostgreSQL has a deadline: connecting (``connect_timeout``), a statement on the
+server (``statement_timeout``), a dead peer (TCP keepalive and ``tcp_user_timeout``), and any
+one answer (:class:`DeadlineConnection`). SQLite commits are synced before they return.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,36 @@ import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
+from psycopg.abc import PQGen
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from leanauth.store.base import StoreError
+
+RV = TypeVar("RV")
+
+# A peer that vanished without closing its connections (a host gone, a partition that drops
+# packets) is found by TCP itself within about 11 s, where the kernel's defaults wait two
+# hours before a first keepalive probe and retransmit unacknowledged data for about 15
+# minutes. Keepalive probes a connection after 5 s of silence, then every 2 s, and gives up
+# after 3 unanswered probes (5 + 3 x 2 s); tcp_user_timeout (Linux) drops a connection whose
+# data has gone unacknowledged for 10 s, and with keepalive on it also ends the probing once
+# 10 s have passed without a word from the peer. Idle pooled connections and the LISTEN
+# connection are checked this way (a probe is a few bytes every 5 s); a statement waiting
+# for its answer has, besides, the answer deadline below.
+TCP_DEADLINES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # milliseconds
+}
+# Seconds past the statement timeout a server that is there needs to cancel the statement and
+# say so, and its answer to cross the network.
+ANSWER_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -21,6 +50,62 @@ class EngineOptions:
     pool_size: int = 5
     connect_timeout: float = 5.0
     statement_timeout: float = 5.0
+
+    @property
+    def answer_timeout(self) -> float:
+        """Longest wait for any one answer from PostgreSQL (a statement's result, a commit):
+        a server that is there answers within its statement timeout, if only to say it
+        cancelled the statement."""
+        return self.statement_timeout + ANSWER_MARGIN
+
+
+class DeadlineConnection(psycopg.Connection[Any]):
+    """A psycopg connection that waits at most ``answer_timeout`` seconds for each answer.
+
+    TCP finds a vanished host, but not a peer that keeps the connection open and stops
+    answering (a hung proxy or pooler between here and the database, a frozen server): a
+    thread waiting on such a connection would wait forever, holding a pooled connection and
+    a worker thread. Past the deadline the connection is closed and the call fails with
+    :class:`psycopg.OperationalError`; SQLAlchemy sees a closed connection, counts it as a
+    disconnect and replaces the pool's connections."""
+
+    answer_timeout: float = EngineOptions().answer_timeout
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        # Every round trip of a connection (execute, fetch, commit, rollback) goes through
+        # wait(); a caller that gives its own timeout (notifies()) handles its expiry itself.
+        # wait() and _WaitTimeout are psycopg's internals (3.3, pinned): should they change,
+        # tests/test_stuck_database.py fails. The interval is psycopg's own default.
+        if timeout is not None:
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, self.answer_timeout)
+        except psycopg.errors._WaitTimeout:
+            # Halfway through a round trip the connection is of no further use.
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"the database did not answer within {self.answer_timeout:g}s; connection closed"
+            ) from None
+
+
+def connect_postgres(conninfo: str, options: EngineOptions, **kwargs: Any) -> DeadlineConnection:
+    """A connection with the engine's deadlines (connecting, TCP, answers), outside the
+    pool: the change listener's."""
+    conn = DeadlineConnection.connect(conninfo, **{**postgres_connect_args(options), **kwargs})
+    conn.answer_timeout = options.answer_timeout
+    return conn
+
+
+def postgres_connect_args(options: EngineOptions) -> dict[str, Any]:
+    """libpq parameters of every PostgreSQL connection: how long to wait for it, how long
+    a statement may run on the server, and how soon a dead peer is found."""
+    statement_ms = int(options.statement_timeout * 1000)
+    return {
+        "connect_timeout": max(1, round(options.connect_timeout)),
+        "options": f"-c statement_timeout={statement_ms}",
+        "application_name": "leanauth",
+        **TCP_DEADLINES,
+    }
 
 
 def postgres_url(url: str) -> str:
@@ -41,8 +126,7 @@ def engine_for(url: str, options: EngineOptions | None = None) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    statement_ms = int(options.statement_timeout * 1000)
-    return create_engine(
+    engine = create_engine(
         postgres_url(url),
         pool_size=options.pool_size,
         max_overflow=options.pool_size,
@@ -52,12 +136,19 @@ def engine_for(url: str, options: EngineOptions | None = None) -> Engine:
         pool_pre_ping=False,
         pool_recycle=300,
         pool_timeout=options.connect_timeout,
-        connect_args={
-            "connect_timeout": max(1, round(options.connect_timeout)),
-            "options": f"-c statement_timeout={statement_ms}",
-            "application_name": "leanauth",
-        },
+        connect_args=postgres_connect_args(options),
     )
+
+    def connect(
+        _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]
+    ) -> DeadlineConnection:
+        # What the dialect would do (psycopg.connect), with the connection class above.
+        conn = DeadlineConnection.connect(*cargs, **cparams)
+        conn.answer_timeout = options.answer_timeout
+        return conn
+
+    event.listen(engine, "do_connect", connect)
+    return engine
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -118,5 +209,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is synced to disk before it returns, so a change the API or the CLI
+    # acknowledged survives a power loss or an OS crash. In WAL mode NORMAL syncs only at
+    # checkpoints: the last commits before a crash could vanish after being acknowledged.
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()

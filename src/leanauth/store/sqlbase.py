@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import Connection, Engine, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
@@ -23,6 +24,10 @@ CHANGE_RETENTION = 3600
 NOTIFY_CHANNEL = "leanauth_changes"
 PENDING_CHANGES = "leanauth_pending_changes"
 CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
+
+# The transaction of the :meth:`SqlBase.atomic` block running in this thread (or task), with
+# the engine it belongs to: the store's calls made in the block run in it.
+_ATOMIC: ContextVar[tuple[Engine, Connection] | None] = ContextVar("leanauth_atomic", default=None)
 
 
 def first_line(exc: BaseException) -> str:
@@ -58,7 +63,36 @@ class SqlBase:
             self._publish.close()
 
     @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """The store calls made in the block, in this thread or task, share one transaction:
+        they commit together when the block ends, or none does when it raises (an admin
+        change and its audit record, say). A block inside another joins it."""
+        if self._joined() is not None:
+            yield
+            return
+        try:
+            with self._transaction() as conn:
+                token = _ATOMIC.set((self.engine, conn))
+                try:
+                    yield
+                finally:
+                    _ATOMIC.reset(token)
+        except IntegrityError as exc:
+            # Each call names the refusals it expects; one that reaches here was not expected.
+            raise RejectedRecords(first_line(exc)) from exc
+
+    def _joined(self) -> Connection | None:
+        """The connection of the :meth:`atomic` block running here, if any."""
+        current = _ATOMIC.get()
+        return current[1] if current is not None and current[0] is self.engine else None
+
+    @contextmanager
     def _read(self) -> Iterator[Connection]:
+        joined = self._joined()
+        if joined is not None:
+            # Inside atomic(): it sees the block's own writes; the block maps the errors.
+            yield joined
+            return
         try:
             with self.engine.connect() as conn:
                 yield conn
@@ -68,7 +102,18 @@ class SqlBase:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """One transaction; IntegrityError passes through for the caller to name."""
+        """One transaction (or the enclosing :meth:`atomic` block's); IntegrityError passes
+        through for the caller to name."""
+        joined = self._joined()
+        if joined is not None:
+            yield joined
+            return
+        with self._transaction() as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """Begin, commit, map the errors; publish the kinds of change once committed."""
         kinds: list[str] = []
         try:
             with self.engine.begin() as conn:
@@ -76,7 +121,10 @@ class SqlBase:
                 try:
                     yield conn
                 finally:
-                    conn.info.pop(PENDING_CHANGES, None)
+                    # A connection invalidated mid-transaction (the database went away) has
+                    # no info left to clean, and asking would hide the real error.
+                    if not conn.invalidated:
+                        conn.info.pop(PENDING_CHANGES, None)
         except IntegrityError:
             raise
         except DataError as exc:
@@ -125,6 +173,15 @@ class SqlBase:
         conn.execute(
             schema.changes.delete().where(schema.changes.c.created_at < now - CHANGE_RETENTION)
         )
+
+    def database_time(self) -> float | None:
+        """PostgreSQL's clock (``clock_timestamp()``, not the transaction's start). SQLite has
+        none of its own: it is a file read by this process, with this node's clock."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        with self._read() as conn:
+            now = conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
+        return float(now)
 
     def latest_change_id(self) -> int:
         with self._read() as conn:
