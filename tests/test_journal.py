@@ -31,7 +31,7 @@ from conftest import (
     token_form,
     wait_for,
 )
-from leanauth.journal import database_tag
+from leanauth.journal import database_tag, decode
 from leanauth.store.engine import engine_for
 from test_operations import alive, worker_pids
 
@@ -285,3 +285,39 @@ def test_journal_segments_are_private(tmp_path: Path) -> None:
         assert all(path.stat().st_mode & 0o777 == 0o600 for path in files)
     finally:
         server.stop()
+
+
+TORN_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from leanauth.journal import Journal, encode
+from leanauth.store.models import AuditEvent
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, or is partial
+journal = Journal(Path(sys.argv[1]), "torn")
+event = AuditEvent(1, "token", "issued", "app", "192.0.2.1", {"jti": "x" * 40})
+line = encode(event)
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (len(line) * 2 + len(line) // 2, hard))
+for seq in range(4):
+    journal.append(seq, line)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+journal.append(4, line)
+print(journal.failures)
+"""
+
+
+def test_a_record_cut_short_by_a_full_disk_leaves_no_torn_line(tmp_path: Path) -> None:
+    # The file may grow by two and a half records: the third is cut short, the fourth is
+    # refused, the fifth is written once there is room again.
+    run = subprocess.run(
+        [sys.executable, "-c", TORN_WRITE, str(tmp_path)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert run.stdout.strip() == b"2"
+    (segment,) = tmp_path.glob("torn-*.journal")
+    lines = segment.read_bytes().splitlines()
+    assert len(lines) == 3
+    assert all(decode(line) is not None for line in lines)

@@ -267,7 +267,8 @@ class AuditTrail:
             )
         if self._journal is not None and self._journal.failures > self._reported_failures:
             log.error(
-                "%d audit records could not be written to the journal (see the errors above)",
+                "%d audit records could not be written to the journal (its folder is full or "
+                "not writable): until the flush writes them they are in memory only",
                 self._journal.failures - self._reported_failures,
             )
             self._reported_failures = self._journal.failures

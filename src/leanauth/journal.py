@@ -22,6 +22,7 @@ the segment it wrote (a few milliseconds a second) leaves records that are writt
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -102,6 +103,7 @@ class Segment:
     fd: int
     last_seq: int = -1  # sequence number of the last record in it; -1: none yet
     synced: bool = False
+    size: int = 0  # bytes of whole records
 
 
 @dataclass
@@ -158,11 +160,15 @@ class Journal:
         segment = self._current
         try:
             written = os.write(segment.fd, line)
+            if written != len(line):
+                # The disk filled up mid-record: cut the torn line off, or the next record
+                # written once there is space again would be glued to it.
+                os.ftruncate(segment.fd, segment.size)
+                raise OSError(errno.ENOSPC, "a partial write")
         except OSError:
             self.failures += 1
             return
-        if written != len(line):  # the disk filled up mid-record: the line is torn
-            self.failures += 1
+        segment.size += written
         segment.last_seq = seq
 
     def seal(self) -> None:
