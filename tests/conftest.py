@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,23 @@ def serving(env: Env) -> Iterator[Server]:
         yield running
     finally:
         running.stop()
+
+
+# libfaketime (apt-get install faketime), preloaded to shift a server's clock.
+LIBFAKETIME = next(
+    (str(path) for path in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if path.exists()),
+    None,
+)
+needs_faketime = pytest.mark.skipif(
+    LIBFAKETIME is None or shutil.which("faketime") is None,
+    reason="libfaketime is not installed (apt-get install faketime)",
+)
+
+
+def shifted_clock(offset: str) -> dict[str, str]:
+    """The variables that run a process with its clock shifted by ``offset`` (``+2s``)."""
+    assert LIBFAKETIME is not None
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset}
 
 
 def free_port() -> int:
@@ -172,20 +190,24 @@ def start_server(
     return _start_server(env, free_port(), *extra_args, issuer=issuer)
 
 
-def _start_server(env: Env, port: int, *extra_args: str, issuer: str | None = None) -> Server:
+def launch(env: Env, port: int, *extra_args: str, **variables: str) -> Server:
+    """``leanauth serve ARGS`` on ``port`` with ``variables`` on top of ``env``'s, started
+    without waiting for it to be ready (``start_server`` waits)."""
     env.prepare()
-    variables = {**os.environ, **env.vars, "LEANAUTH_PORT": str(port)}
-    if issuer:
-        variables["LEANAUTH_ISSUER"] = issuer
     log_path = env.data_dir / f"server-{port}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "leanauth", "serve", *extra_args],
-            env=variables,
+            env={**os.environ, **env.vars, "LEANAUTH_PORT": str(port), **variables},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(env, port, process, log_path)
+    return Server(env, port, process, log_path)
+
+
+def _start_server(env: Env, port: int, *extra_args: str, issuer: str | None = None) -> Server:
+    server = launch(env, port, *extra_args, **({"LEANAUTH_ISSUER": issuer} if issuer else {}))
+    process = server.process
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -9,51 +9,35 @@ check itself, with a database whose clock the test sets."""
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import Env, PostgresDatabases, Server, free_port, installation, wait_for
+from conftest import (
+    Env,
+    PostgresDatabases,
+    Server,
+    free_port,
+    installation,
+    launch,
+    needs_faketime,
+    shifted_clock,
+    wait_for,
+)
 from leanauth.clock import ClockCheck
 from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY
 
-LIBFAKETIME = next(
-    (str(path) for path in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if path.exists()),
-    None,
-)
-needs_faketime = pytest.mark.skipif(
-    LIBFAKETIME is None or shutil.which("faketime") is None,
-    reason="libfaketime is not installed (apt-get install faketime)",
-)
 AHEAD = re.compile(r"this node's clock is (\d+\.\d)s ahead of the database's")
 
 
-def launch(env: Env, offset: str | None) -> Server:
+def launch_shifted(env: Env, offset: str | None) -> Server:
     """``leanauth serve`` on ``env``, its clock shifted by ``offset`` (``+10s``), started
     without waiting for it (conftest's start_server waits for a ready node: one whose
     clock is far off never is)."""
-    port = free_port()
-    variables = {**os.environ, **env.vars, "LEANAUTH_PORT": str(port)}
-    if offset is not None:
-        assert LIBFAKETIME is not None
-        variables |= {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset}
-    log_path = env.data_dir / f"server-{port}.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "leanauth", "serve"],
-            env=variables,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Server(env, port, process, log_path)
+    return launch(env, free_port(), **(shifted_clock(offset) if offset else {}))
 
 
 def measured_readiness(server: Server) -> httpx.Response:
@@ -78,8 +62,8 @@ def nodes(
     tmp_path_factory: pytest.TempPathFactory, postgres: PostgresDatabases
 ) -> Iterator[dict[str, Server]]:
     env = installation(tmp_path_factory.mktemp("clock-database"), postgres.create())
-    running = {"real": launch(env, None), "ahead": launch(env, "+10s")}
-    running["far ahead"] = launch(env, "+45s")
+    running = {"real": launch_shifted(env, None), "ahead": launch_shifted(env, "+10s")}
+    running["far ahead"] = launch_shifted(env, "+45s")
     try:
         yield running
     finally:

@@ -5,9 +5,7 @@ serve one installation."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,28 +15,20 @@ from conftest import (
     Env,
     Server,
     create_app,
+    needs_faketime,
     new_token,
     request_token,
+    shifted_clock,
     start_server,
     wait_for,
 )
 
-LIBFAKETIME = next(
-    (str(path) for path in Path("/usr/lib").glob("*/faketime/libfaketime.so.1") if path.exists()),
-    None,
-)
-
-pytestmark = pytest.mark.skipif(
-    LIBFAKETIME is None or shutil.which("faketime") is None,
-    reason="libfaketime is not installed (apt-get install faketime)",
-)
+pytestmark = needs_faketime
 
 
 def shifted(env: Env, offset: str) -> Env:
     """The same installation, seen through a clock shifted by ``offset`` (``+2s``)."""
-    assert LIBFAKETIME is not None
-    extra = {**env.extra, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset}
-    return Env(env.data_dir, extra)
+    return Env(env.data_dir, {**env.extra, **shifted_clock(offset)})
 
 
 @pytest.fixture(scope="module")

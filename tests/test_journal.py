@@ -4,13 +4,10 @@ disk for the next start. Real servers, real kill -9, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,10 +18,9 @@ import pytest
 from sqlalchemy import text
 
 from conftest import (
-    AppCredentials,
     Env,
     PostgresDatabases,
-    Server,
+    claims_of,
     installation,
     known_app,
     start_server,
@@ -33,50 +29,11 @@ from conftest import (
 )
 from leanauth.journal import database_tag, decode
 from leanauth.store.engine import engine_for
-from test_operations import alive, worker_pids
-
-
-class Issuing:
-    """Keep-alive clients asking for tokens until stopped; the jti of every token received."""
-
-    def __init__(self, server: Server, creds: AppCredentials, clients: int = 4) -> None:
-        self._url = server.token_url
-        self._body = token_form(creds)
-        self.received: list[str] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
-
-    def __enter__(self) -> Issuing:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post(self._url, data=self._body)
-                except httpx.HTTPError:
-                    with self._lock:
-                        self.errors += 1
-                    continue
-                if response.status_code == 200:
-                    jti = jti_of(response.json()["access_token"])
-                    with self._lock:
-                        self.received.append(jti)
+from test_operations import Load, alive, worker_pids
 
 
 def jti_of(token: str) -> str:
-    payload = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    return str(claims["jti"])
+    return str(claims_of(token)["jti"])
 
 
 def audited_jtis(database_url: str) -> Counter[str]:
@@ -126,7 +83,7 @@ def test_a_killed_worker_loses_no_audit_record_and_no_usage(node_env: Env) -> No
         creds = known_app(node_env, server, "--scopes", "api")
         wait_for(lambda: len(worker_pids(server.process.pid)) == 2, timeout=10)
         first = worker_pids(server.process.pid)
-        with Issuing(server, creds) as load:
+        with Load([server.url], creds, clients=4) as load:
             wait_for(lambda: len(load.received) > 300, timeout=30)
             # Mid-second, between two flushes: the killed worker holds records in memory.
             os.kill(first[0], signal.SIGKILL)
@@ -153,7 +110,7 @@ def test_a_node_killed_whole_hands_its_records_to_the_next_start(node_env: Env) 
     creds = known_app(node_env, server, "--scopes", "api")
     wait_for(lambda: len(worker_pids(server.process.pid)) == 2, timeout=10)
     workers = worker_pids(server.process.pid)
-    with Issuing(server, creds) as load:
+    with Load([server.url], creds, clients=4) as load:
         wait_for(lambda: len(load.received) > 200, timeout=30)
         # Workers first (their parent's death would make them stop cleanly), then the rest.
         for pid in workers:
@@ -209,7 +166,7 @@ def test_nodes_sharing_a_journal_folder_write_each_record_once(tmp_path: Path) -
     received: list[str] = []
     try:
         for server in servers:
-            with Issuing(server, creds, clients=2) as load:
+            with Load([server.url], creds, clients=2) as load:
                 wait_for(lambda load=load: len(load.received) > 300, timeout=30)
             received += load.received
     finally:

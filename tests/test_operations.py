@@ -22,6 +22,7 @@ from conftest import (
     Env,
     PostgresDatabases,
     Server,
+    claims_of,
     free_port,
     installation,
     known_app,
@@ -43,6 +44,7 @@ class Load:
         self.creds = creds
         self.outcomes: Counter[str] = Counter()
         self.failures: list[str] = []
+        self.received: list[str] = []  # the jti of every token received
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
@@ -80,6 +82,8 @@ class Load:
                     self._note("failed", f"{type(exc).__name__}: {exc}")
                     continue
                 if response.status_code == 200:
+                    with self._lock:
+                        self.received.append(claims_of(response.json()["access_token"])["jti"])
                     self._note("issued")
                 else:
                     self._note("failed", f"{response.status_code} {response.text[:200]}")
