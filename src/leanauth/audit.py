@@ -98,6 +98,7 @@ class AuditTrail:
         # records the journal holds and which are still queued.
         self._lock = threading.Lock()
         self._next_seq = 0
+        self._sealed_before = 0  # the first sequence number after the journal's last seal
         self.dropped = 0  # records that did not fit in the queue
         self.rejected = 0  # records the database refused
         self._unreported = Counter[str]()
@@ -174,10 +175,13 @@ class AuditTrail:
         return issued
 
     def seal_journal(self) -> None:
-        """Start a new journal segment before a flush (which can then release the old)."""
+        """Start a new journal segment before a flush, which then writes the records up to
+        here (not those of the new segment: a worker dying after the flush would leave them
+        to be written again) and can release the segments they were in."""
         if self._journal is not None:
             with self._lock:
                 self._journal.seal()
+                self._sealed_before = self._next_seq
             self._journal.sync()
 
     def release_journal(self) -> None:
@@ -204,21 +208,30 @@ class AuditTrail:
     def _oldest_unwritten(self) -> int:
         return self._queue[0][2] if self._queue else self._next_seq
 
-    def flush(self) -> int:
-        """Write queued events to the store and the log (blocking); the number written.
+    def flush(self, everything: bool = False) -> int:
+        """Write queued events to the store and the log (blocking); the number written:
+        with a journal, those queued before its last seal, unless ``everything`` (at exit).
 
         A store that cannot be reached raises :class:`~leanauth.store.base.StoreError`
         after putting back what it did not take, for the next flush."""
         written = 0
         self._refusal_lines = 0
+        until = None if everything or self._journal is None else self._sealed_before
         try:
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                self._queued_bytes -= sum(size for _, size, _ in batch)
+            while batch := self._take(until):
                 written += self._write(batch)
         finally:
             self._report_losses()
         return written
+
+    def _take(self, until: int | None) -> list[tuple[AuditEvent, int, int]]:
+        """Up to ``MAX_BATCH`` queued events, of sequence numbers below ``until`` (if set)."""
+        batch: list[tuple[AuditEvent, int, int]] = []
+        queue = self._queue
+        while queue and len(batch) < MAX_BATCH and (until is None or queue[0][2] < until):
+            batch.append(queue.popleft())
+        self._queued_bytes -= sum(size for _, size, _ in batch)
+        return batch
 
     def _write(self, batch: list[tuple[AuditEvent, int, int]]) -> int:
         """Write ``batch``; a refused part is split until the refused records stand alone,

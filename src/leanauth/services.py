@@ -74,7 +74,7 @@ class Services:
         steps = (
             ("secret_use", self._flush_secret_use),
             ("usage", self.usage.flush),
-            ("audit", self.audit.flush),
+            ("audit", lambda: self.audit.flush(everything=final)),
         )
         failed = set()
         for name, step in steps:
