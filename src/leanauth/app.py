@@ -15,11 +15,11 @@ from leanauth import metrics, requestid
 from leanauth.bootstrap import Runtime, open_runtime
 from leanauth.clock import CHECK_INTERVAL, ClockCheck
 from leanauth.endpoints.customers import customers_routes
-from leanauth.endpoints.discovery import TOKEN_PATH, discovery_routes
+from leanauth.endpoints.discovery import discovery_routes
 from leanauth.endpoints.health import WATCHDOG_INTERVAL, Watchdog, health_routes
 from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY, oauth_routes
 from leanauth.endpoints.prometheus import metrics_routes
-from leanauth.endpoints.token import TokenEndpoint
+from leanauth.endpoints.token import TOKEN_PATH, TokenEndpoint
 from leanauth.logs import configure_logging
 from leanauth.requestid import RequestIds
 from leanauth.services import (

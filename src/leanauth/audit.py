@@ -30,7 +30,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from typing import Literal
 
 import orjson
 
@@ -53,8 +52,6 @@ MAX_BATCH = 5_000
 MAX_REFUSAL_LINES = 100
 # Outcomes worth a log line under LEANAUTH_AUDIT_LOG=failures: everything but routine success.
 ROUTINE_OUTCOMES = frozenset({"issued", "active", "inactive", "revoked", "not_revoked"})
-
-AuditLogMode = Literal["all", "failures", "none"]
 
 
 def now_ms() -> int:

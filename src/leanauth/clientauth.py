@@ -23,25 +23,24 @@ from leanauth.safetext import has_control_characters
 class PresentedCredentials(NamedTuple):
     client_id: str
     client_secret: str
-    method: str
 
 
 def presented_credentials(
     authorization: bytes | None, params: dict[str, str]
 ) -> PresentedCredentials:
-    """Which credentials the request carries, and by which method."""
+    """The credentials the request carries, by whichever one method (RFC 6749 §2.3.1)."""
     body_id = params.get("client_id")
     body_secret = params.get("client_secret")
     if authorization is None:
         if not body_id or not body_secret:
             raise InvalidClient(detail="no_credentials")
-        return PresentedCredentials(body_id, body_secret, "client_secret_post")
+        return PresentedCredentials(body_id, body_secret)
     if body_secret is not None:
         raise InvalidRequest("Use one client authentication method, not both.")
     client_id, client_secret = _decode_basic(authorization)
     if body_id is not None and body_id != client_id:
         raise InvalidRequest("The client_id in the body does not match the Authorization header.")
-    return PresentedCredentials(client_id, client_secret, "client_secret_basic")
+    return PresentedCredentials(client_id, client_secret)
 
 
 def _decode_basic(authorization: bytes) -> tuple[str, str]:

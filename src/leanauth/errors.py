@@ -47,9 +47,6 @@ class OAuthError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"error": self.error, "error_description": self.description})
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [*NO_STORE_HEADERS, *self.extra_headers_list()]
-
     def extra_headers_list(self) -> list[tuple[bytes, bytes]]:
         """Headers this error adds to the JSON and no-store ones."""
         return list(self.extra_headers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
@@ -85,10 +85,7 @@ class CustomersApi:
         return token
 
     async def create(self, request: Request) -> Response:
-        try:
-            token = self._api_token(request)
-        except BearerError as refusal:
-            return refusal.response()
+        token = self._api_token(request)
         app_user_id = await _app_user_id(request)
         if isinstance(app_user_id, Response):
             return app_user_id
@@ -100,42 +97,30 @@ class CustomersApi:
             return lean_error(
                 409, "CUSTOMER_ALREADY_EXISTS", "A customer with this app_user_id exists."
             )
-        except StoreError:
-            return unavailable()
         self._services.cache.customer_added(customer)
         return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})
 
     async def read(self, request: Request) -> Response:
-        try:
-            token = self._token(request)
-        except BearerError as refusal:
-            return refusal.response()
+        token = self._token(request)
         try:
             customer_id = str(uuid.UUID(request.path_params["customer_id"]))
         except ValueError:
             return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
         if token.customer_id is not None and token.customer_id != customer_id:
-            return BearerError(
+            raise BearerError(
                 403,
                 "insufficient_scope",
                 "The token is for another customer.",
                 f"customer.{customer_id}",
-            ).response()
-        store = self._services.runtime.store
-        try:
-            customer = await self._ask_store(store.get_customer, customer_id)
-        except StoreError:
-            return unavailable()
+            )
+        customer = await self._ask_store(self._services.runtime.store.get_customer, customer_id)
         # Another app's customer is as unknown as a customer that does not exist.
         if customer is None or customer.client_id != token.client_id:
             return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
         return JSONResponse(customer_body(customer), headers={"cache-control": "no-store"})
 
     async def list_page(self, request: Request) -> Response:
-        try:
-            token = self._api_token(request)
-        except BearerError as refusal:
-            return refusal.response()
+        token = self._api_token(request)
         try:
             size = int(request.query_params.get("size", DEFAULT_PAGE))
             after = request.query_params.get("after")
@@ -145,10 +130,7 @@ class CustomersApi:
         if not 1 <= size <= MAX_PAGE:
             return lean_error(400, "INVALID_PARAMETERS", f"size must be 1 to {MAX_PAGE}.")
         store = self._services.runtime.store
-        try:
-            page = await self._ask_store(store.list_customers, token.client_id, size + 1, after)
-        except StoreError:
-            return unavailable()
+        page = await self._ask_store(store.list_customers, token.client_id, size + 1, after)
         data = [customer_body(c) for c in page[:size]]
         following = page[size - 1].customer_id if len(page) > size else None
         return JSONResponse(
@@ -181,12 +163,30 @@ async def _app_user_id(request: Request) -> str | Response:
     return value
 
 
+def answering_refusals(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint, with a refused bearer token answered per RFC 6750 and a database that
+    cannot answer (in time) with 503, whichever step of it finds out."""
+
+    async def answered(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except BearerError as refusal:
+            return refusal.response()
+        except StoreError:
+            return unavailable()
+
+    return answered
+
+
 def customers_routes(services: Services) -> list[Route]:
     api = CustomersApi(services)
+    create, list_page = answering_refusals(api.create), answering_refusals(api.list_page)
     return [
-        Route("/customers/v1", api.create, methods=["POST"]),
-        Route("/customers/v1/", api.create, methods=["POST"]),
-        Route("/customers/v1", api.list_page, methods=["GET"]),
-        Route("/customers/v1/", api.list_page, methods=["GET"]),
-        Route("/customers/v1/{customer_id}", api.read, methods=["GET"]),
+        Route("/customers/v1", create, methods=["POST"]),
+        Route("/customers/v1/", create, methods=["POST"]),
+        Route("/customers/v1", list_page, methods=["GET"]),
+        Route("/customers/v1/", list_page, methods=["GET"]),
+        Route("/customers/v1/{customer_id}", answering_refusals(api.read), methods=["GET"]),
     ]

@@ -10,9 +10,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from leanauth.cache import RegistryCache
+from leanauth.endpoints.oauth import INTROSPECT_PATH, REVOKE_PATH
+from leanauth.endpoints.token import TOKEN_PATH
 from leanauth.settings import Settings
 
-TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path)
 JWKS_PATH = "/oauth2/jwks"
 AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 
@@ -27,9 +28,9 @@ def metadata_document(settings: Settings) -> dict[str, object]:
         # RFC 8414 §2 makes this member REQUIRED; there is no authorization endpoint here.
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": AUTH_METHODS,
-        "revocation_endpoint": issuer + "/oauth2/revoke",
+        "revocation_endpoint": issuer + REVOKE_PATH,
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
-        "introspection_endpoint": issuer + "/oauth2/introspect",
+        "introspection_endpoint": issuer + INTROSPECT_PATH,
         "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
         "scopes_supported": ["api"],
     }

@@ -30,12 +30,12 @@ from leanauth.errors import (
 from leanauth.services import Services
 from leanauth.store.base import LimitReached, StoreError
 from leanauth.store.models import App, RevokedToken
+from leanauth.verify import REQUIRED_CLAIMS
 
 REVOKE_PATH = "/oauth2/revoke"
 INTROSPECT_PATH = "/oauth2/introspect"
 # An access token here is a few hundred bytes; anything far larger is not one of ours.
 MAX_TOKEN_LENGTH = 8192
-REQUIRED_CLAIMS = ["iss", "sub", "exp", "iat", "jti", "client_id", "scope"]
 # Seconds the nodes' clocks may differ by: a token issued by a node a little ahead is not
 # "not yet valid" here, nor one a little past its expiry refused a moment early elsewhere.
 # The same as leanauth.verify's default, so resource servers and this server agree.

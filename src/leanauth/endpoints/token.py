@@ -41,6 +41,7 @@ from leanauth.store.base import StoreError
 from leanauth.store.models import App
 
 # Longest a token request waits for its app's not-before time (see wait_for_not_before).
+TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path)
 MAX_NOT_BEFORE_WAIT = 2.0
 
 
