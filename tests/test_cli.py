@@ -522,3 +522,48 @@ def test_subprocess_cli_against_a_data_dir(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("error:")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_command_with_its_own_summary() -> None:
+    import click
+
+    from leanauth.cli import COMMANDS, SUMMARIES
+
+    context = click.Context(cli_main)
+    for name in COMMANDS:
+        command = cli_main.get_command(context, name)
+        assert command is not None
+        assert command.get_short_help_str(1000) == SUMMARIES[name], name
+    listed = CliRunner().invoke(cli_main, ["--help"]).output
+    assert all(f"  {name} " in listed for name in COMMANDS)
+
+
+def test_help_imports_no_command() -> None:
+    # `leanauth --help` answers at once: the commands (and the database drivers and the
+    # server they bring) are imported only when one of them runs.
+    probe = (
+        "import sys\nfrom leanauth.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('sqlalchemy', 'leanauth.cli.apps', 'leanauth.registry') "
+        "if m in sys.modules]\nprint('loaded:', heavy, file=sys.stderr)"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
+    assert b"loaded: []" in run.stderr
+    assert b"Commands:" in run.stdout
+
+
+def test_an_unknown_variable_is_named_even_when_only_a_command_option_reads_it(
+    fresh_env: Env,
+) -> None:
+    # LEANAUTH_CLIENT_ID is read by `token`'s own option: it is no typo, even though the
+    # command that runs (`apps list`) has not imported `token`.
+    env = {**os.environ, **fresh_env.vars, "LEANAUTH_CLIENT_ID": "x", "LEANAUTH_DATABSE_URL": "y"}
+    run = subprocess.run(
+        [sys.executable, "-m", "leanauth", "apps", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "LEANAUTH_DATABSE_URL" in run.stderr
+    assert "LEANAUTH_CLIENT_ID" not in run.stderr

@@ -226,7 +226,3 @@ def apps_set_quota(
     with runtime() as rt:
         app = registry.set_quotas(rt, client_id, quota_hourly, quota_daily)
         emit(as_json, app_json(app), app_text(app))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(apps)

@@ -49,7 +49,3 @@ def audit_list(client_id: str | None, since: str | None, limit: int, as_json: bo
     with runtime() as rt:
         events = rt.store.list_audit_events(client_id, since_ms, limit)
         emit(as_json, [event_json(e) for e in events], "\n".join(map(event_text, events)))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(audit)

@@ -1,8 +1,9 @@
-"""What every command shares: the root group, --json output, one-line errors, the runtime."""
+"""What every command shares: --json output, one-line errors, the runtime."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -14,7 +15,6 @@ from typing import Any, NoReturn
 
 import click
 
-from leanauth import __version__
 from leanauth.bootstrap import NotInitialised, Runtime, SchemaMode, open_runtime, open_store
 from leanauth.logs import configure_logging
 from leanauth.safetext import escape, escape_lines, masked_url
@@ -32,12 +32,6 @@ EXIT_SCHEMA_AHEAD = 78
 log = logging.getLogger("leanauth.cli")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-
-
-@click.group()
-@click.version_option(__version__, prog_name="leanauth")
-def main() -> None:
-    """leanauth: OAuth 2.0 client-credentials tokens for the Lean Authentication API."""
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
@@ -76,7 +70,10 @@ def load_settings() -> Settings:
 def warn_unknown_variables() -> None:
     """A warning for each ``LEANAUTH_*`` variable nothing reads (a typo's setting would
     silently keep its default). Never its value, which may be a secret."""
-    for name, likely in unknown_variables(os.environ, option_variables(main)):
+    if not unknown_variables(os.environ, set()):
+        return  # the commands' own options need not be looked at (nor imported)
+    root = importlib.import_module("leanauth.cli").main
+    for name, likely in unknown_variables(os.environ, option_variables(root)):
         hint = f" (did you mean {likely}?)" if likely else ""
         log.warning("unknown setting %s ignored%s", name, hint)
 
@@ -84,7 +81,11 @@ def warn_unknown_variables() -> None:
 def option_variables(group: click.Group) -> set[str]:
     """The variables the commands' own options read (``token``'s LEANAUTH_CLIENT_ID, ...)."""
     names: set[str] = set()
-    for command in group.commands.values():
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        if command is None:
+            continue
         if isinstance(command, click.Group):
             names |= option_variables(command)
         for param in command.params:

@@ -60,7 +60,3 @@ def customers_delete(client_id: str, customer_id: str, as_json: bool) -> None:
         registry.delete_customer(rt, client_id, customer_id)
         data = {"client_id": client_id, "customer_id": customer_id.lower(), "deleted": True}
         emit(as_json, data, f"customer {customer_id.lower()} deleted")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(customers)

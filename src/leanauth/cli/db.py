@@ -89,7 +89,3 @@ def db_backup(file: Path, as_json: bool) -> None:
         "its file)",
     ]
     emit(as_json, data, "\n".join(lines))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(db)

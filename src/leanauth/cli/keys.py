@@ -92,7 +92,3 @@ def keys_revoke(kid: str, as_json: bool) -> None:
         if replacement is not None:
             text += f"; new key {replacement.kid} ({replacement.alg}) signs from now"
         emit(as_json, data, text)
-
-
-def register(group: click.Group) -> None:
-    group.add_command(keys)

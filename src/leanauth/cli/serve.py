@@ -150,8 +150,3 @@ def demo_credentials(rt: Runtime) -> dict[str, Any] | None:
         json.dump(saved, handle)
     os.replace(temporary, path)
     return saved
-
-
-def register(group: click.Group) -> None:
-    group.add_command(serve)
-    group.add_command(init)

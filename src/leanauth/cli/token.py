@@ -65,7 +65,3 @@ def token(
 
 def _b64json(part: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(token)
