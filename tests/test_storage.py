@@ -347,3 +347,31 @@ def test_cli_with_another_key_encryption_key_is_refused(
     result = wrong.cli("init", expect_ok=False)
     assert result.exit_code != 0, result.output
     assert "LEANAUTH_KEY_ENCRYPTION_KEY" in result.stderr
+
+
+def test_revisions_read_from_migration_file_names_are_alembics() -> None:
+    # Commands check the schema without importing Alembic: the migration files' names carry
+    # their revisions. Alembic's own reading of the scripts must agree.
+    from alembic.script import ScriptDirectory
+
+    from leanauth.store import migrate
+
+    scripts = ScriptDirectory.from_config(migrate._config())
+    assert migrate.known_revisions() == {s.revision for s in scripts.walk_revisions()}
+    assert migrate.head_revision() == scripts.get_current_head()
+
+
+def test_a_command_checks_the_schema_without_alembic(prepared: Env) -> None:
+    probe = (
+        "import sys\nfrom leanauth.cli import main\n"
+        "try:\n    main(['apps', 'list', '--json'])\nexcept SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+        "print('alembic' in sys.modules, 'redis' in sys.modules, file=sys.stderr)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **prepared.vars},
+        capture_output=True,
+        check=True,
+    )
+    assert run.stderr.strip().endswith(b"False False")
