@@ -228,3 +228,16 @@ def test_key_encryption_key_is_never_shown(encode: object) -> None:
         assert key.hex() not in shown
         assert repr(key) not in shown
         assert repr(key)[2:18] not in shown
+
+
+def test_default_rates_are_rates() -> None:
+    # A rate variable left unset takes its default unchecked: the defaults must parse.
+    import limits
+
+    defaults = Settings()
+    for rate in (
+        defaults.auth_failure_limit,
+        defaults.auth_failure_address_limit,
+        defaults.scope_failure_limit,
+    ):
+        assert limits.parse(rate)

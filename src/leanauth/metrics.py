@@ -40,12 +40,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.metrics_core import Metric
+
+# prometheus_client is imported where a scrape is answered: every process (commands too)
+# imports this module to count, and the text format is needed only to render.
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("leanauth.metrics")
 
@@ -521,6 +523,8 @@ class MergedCollector:
             yield self._metric(family)
 
     def _metric(self, family: Family) -> Metric:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
         merged, labels = self._merged, list(family.labels)
         if family.kind == "counter":
             counter = CounterMetricFamily(family.name, family.doc, labels=labels)
@@ -537,6 +541,8 @@ class MergedCollector:
         return gauge
 
     def _histogram(self, family: Family) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily  # noqa: PLC0415
+
         bounds = next(h.bounds for h in _HISTOGRAMS if h.family is family)
         les = [repr(b) for b in bounds] + ["+Inf"]
         metric = HistogramMetricFamily(family.name, family.doc, labels=list(family.labels))
@@ -552,6 +558,12 @@ class MergedCollector:
 def render(directory: Path | str) -> tuple[bytes, str]:
     """The node's metrics in the Prometheus text format, merged from every snapshot in
     ``directory``: (body, content type). Safe to call from any process of the node."""
+    from prometheus_client import (  # noqa: PLC0415
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        generate_latest,
+    )
+
     now = time.time()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MergedCollector(merge(read_snapshots(Path(directory)), now), now))

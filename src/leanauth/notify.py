@@ -18,14 +18,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
-
-import psycopg
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leanauth.safetext import without_password
 from leanauth.settings import Settings
-from leanauth.store.engine import EngineOptions, connect_postgres
+from leanauth.store.engine import EngineOptions
 from leanauth.store.sql import NOTIFY_CHANNEL
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("leanauth.notify")
 
@@ -112,9 +113,11 @@ class PostgresListener(_ListenerThread):
         self._conninfo = self.url = conninfo
         self._options = options
 
-    def connect(self) -> psycopg.Connection[object]:
+    def connect(self) -> psycopg.Connection[Any]:
         """The listening connection, with the store's deadlines: connecting, TCP keepalive
         and tcp_user_timeout, and an answer deadline for each statement."""
+        from leanauth.store.pgconn import connect_postgres  # noqa: PLC0415 (PostgreSQL only)
+
         return connect_postgres(self._conninfo, self._options, autocommit=True)
 
     def listen_once(self, wake: Callable[[], None], stopping: threading.Event) -> None:

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import limits
-
 SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
 
 # The LinkSDK refuses a customer token with less than ten minutes left: a customer token
@@ -345,7 +343,12 @@ class _Reader:
         raise self._fail(name, f"expected true or false, got {raw!r}")
 
     def rate(self, name: str, default: str) -> str:
-        raw = self._raw(name) or default
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        # Imported only to check a rate that is set: every command reads the settings.
+        import limits  # noqa: PLC0415
+
         try:
             limits.parse(raw)
         except ValueError:

@@ -2,7 +2,8 @@
 
 Every wait on PostgreSQL has a deadline: connecting (``connect_timeout``), a statement on the
 server (``statement_timeout``), a dead peer (TCP keepalive and ``tcp_user_timeout``), and any
-one answer (:class:`DeadlineConnection`). SQLite commits are synced before they return.
+one answer (:class:`~leanauth.store.pgconn.DeadlineConnection`). SQLite commits are synced
+before they return.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import psycopg
-from psycopg.abc import PQGen
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from leanauth.store.base import StoreError
-
-RV = TypeVar("RV")
 
 # A peer that vanished without closing its connections (a host gone, a partition that drops
 # packets) is found by TCP itself within about 11 s, where the kernel's defaults wait two
@@ -57,43 +54,6 @@ class EngineOptions:
         a server that is there answers within its statement timeout, if only to say it
         cancelled the statement."""
         return self.statement_timeout + ANSWER_MARGIN
-
-
-class DeadlineConnection(psycopg.Connection[Any]):
-    """A psycopg connection that waits at most ``answer_timeout`` seconds for each answer.
-
-    TCP finds a vanished host, but not a peer that keeps the connection open and stops
-    answering (a hung proxy or pooler between here and the database, a frozen server): a
-    thread waiting on such a connection would wait forever, holding a pooled connection and
-    a worker thread. Past the deadline the connection is closed and the call fails with
-    :class:`psycopg.OperationalError`; SQLAlchemy sees a closed connection, counts it as a
-    disconnect and replaces the pool's connections."""
-
-    answer_timeout: float = EngineOptions().answer_timeout
-
-    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
-        # Every round trip of a connection (execute, fetch, commit, rollback) goes through
-        # wait(); a caller that gives its own timeout (notifies()) handles its expiry itself.
-        # wait() and _WaitTimeout are psycopg's internals (3.3, pinned): should they change,
-        # tests/test_stuck_database.py fails. The interval is psycopg's own default.
-        if timeout is not None:
-            return super().wait(gen, interval, timeout)
-        try:
-            return super().wait(gen, interval, self.answer_timeout)
-        except psycopg.errors._WaitTimeout:
-            # Halfway through a round trip the connection is of no further use.
-            self.pgconn.finish()
-            raise psycopg.OperationalError(
-                f"the database did not answer within {self.answer_timeout:g}s; connection closed"
-            ) from None
-
-
-def connect_postgres(conninfo: str, options: EngineOptions, **kwargs: Any) -> DeadlineConnection:
-    """A connection with the engine's deadlines (connecting, TCP, answers), outside the
-    pool: the change listener's."""
-    conn = DeadlineConnection.connect(conninfo, **{**postgres_connect_args(options), **kwargs})
-    conn.answer_timeout = options.answer_timeout
-    return conn
 
 
 def postgres_connect_args(options: EngineOptions) -> dict[str, Any]:
@@ -138,16 +98,10 @@ def engine_for(url: str, options: EngineOptions | None = None) -> Engine:
         pool_timeout=options.connect_timeout,
         connect_args=postgres_connect_args(options),
     )
+    # psycopg is imported for PostgreSQL only: an SQLite command need not (about 80 ms).
+    from leanauth.store.pgconn import deadline_connector  # noqa: PLC0415
 
-    def connect(
-        _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]
-    ) -> DeadlineConnection:
-        # What the dialect would do (psycopg.connect), with the connection class above.
-        conn = DeadlineConnection.connect(*cargs, **cparams)
-        conn.answer_timeout = options.answer_timeout
-        return conn
-
-    event.listen(engine, "do_connect", connect)
+    event.listen(engine, "do_connect", deadline_connector(options))
     return engine
 
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-import psycopg
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -42,11 +41,19 @@ def _copy_audit_rows(conn: Connection, rows: Sequence[tuple[object, ...]]) -> No
     """COPY: a row per token is the heaviest write the server makes, and COPY costs
     PostgreSQL (on the same machine, often) a fraction of INSERTs. The driver's own errors
     come straight from psycopg, not through SQLAlchemy."""
+    import psycopg  # noqa: PLC0415 (PostgreSQL only: see leanauth.store.pgconn)
+
     driver = conn.connection.driver_connection
     assert driver is not None
-    with driver.cursor() as cursor, cursor.copy(AUDIT_COPY) as copy:
-        for row in rows:
-            copy.write_row(row)
+    try:
+        with driver.cursor() as cursor, cursor.copy(AUDIT_COPY) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        raise RejectedRecords(first_line(exc)) from exc
+    except psycopg.Error as exc:
+        metrics.STORE_ERRORS.inc("write")
+        raise StoreError(first_line(exc)) from exc
 
 
 class SqlRecords(SqlBase):
@@ -162,11 +169,8 @@ class SqlRecords(SqlBase):
                     ", ".join(AUDIT_COLUMNS), ", ".join(["?"] * len(AUDIT_COLUMNS))
                 )
                 conn.exec_driver_sql(statement, rows)
-        except (IntegrityError, psycopg.DataError, psycopg.IntegrityError) as exc:
+        except IntegrityError as exc:
             raise RejectedRecords(first_line(exc)) from exc
-        except psycopg.Error as exc:
-            metrics.STORE_ERRORS.inc("write")
-            raise StoreError(first_line(exc)) from exc
 
     def prune_audit_events(self, before_ms: int) -> int:
         """Delete events older than ``before_ms``; how many went."""
