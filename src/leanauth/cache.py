@@ -31,9 +31,8 @@ from leanauth.directory import CustomerDirectory, NewIdLookups, id_key
 from leanauth.keys import KeyCipher, KeyRing, StoredKey
 from leanauth.notify import ChangeListener
 from leanauth.settings import Settings
-from leanauth.store.base import Store, StoreError
+from leanauth.store.base import CHANGE_RETENTION, Store, StoreError
 from leanauth.store.models import App, Change, Credentials, Customer
-from leanauth.store.sqlbase import CHANGE_RETENTION
 
 log = logging.getLogger("leanauth.cache")
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from leanauth.safetext import without_password
 from leanauth.settings import Settings
+from leanauth.store.base import NOTIFY_CHANNEL
 from leanauth.store.engine import EngineOptions
-from leanauth.store.sql import NOTIFY_CHANNEL
 
 if TYPE_CHECKING:
     import psycopg

@@ -21,6 +21,12 @@ from leanauth.store.models import (
     RevokedToken,
 )
 
+# The change feed, as every node follows it: change rows older than this are pruned (every
+# process re-reads everything far more often), and each commit is announced on this channel
+# (PostgreSQL NOTIFY, or Redis pub/sub).
+CHANGE_RETENTION = 3600
+NOTIFY_CHANNEL = "leanauth_changes"
+
 
 class StoreError(Exception):
     """The store could not answer (connection lost, timeout): callers answer 503."""

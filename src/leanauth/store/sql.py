@@ -23,9 +23,9 @@ from leanauth.store import schema
 from leanauth.store.base import AlreadyExists, Conflict, NotFound
 from leanauth.store.models import App, ClientSecret, Credentials, Customer
 from leanauth.store.records import SqlRecords
-from leanauth.store.sqlbase import CHANGE_FEED_LOCK_KEY, NOTIFY_CHANNEL, SqlBase
+from leanauth.store.sqlbase import CHANGE_FEED_LOCK_KEY, SqlBase
 
-__all__ = ["CHANGE_FEED_LOCK_KEY", "NOTIFY_CHANNEL", "SqlStore"]
+__all__ = ["CHANGE_FEED_LOCK_KEY", "SqlStore"]
 
 MAX_LIVE_SECRETS = 2
 # A secret issued this recently is not replaced by another rotation: two rotations started

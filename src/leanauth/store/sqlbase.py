@@ -15,13 +15,16 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from leanauth import metrics
 from leanauth.store import migrate, schema
-from leanauth.store.base import ChangePublisher, RejectedRecords, StoreError
+from leanauth.store.base import (
+    CHANGE_RETENTION,
+    NOTIFY_CHANNEL,
+    ChangePublisher,
+    RejectedRecords,
+    StoreError,
+)
 from leanauth.store.engine import EngineOptions, engine_for
 from leanauth.store.models import Change, ChangeKind
 
-# Change rows older than this are pruned: every process re-reads everything far more often.
-CHANGE_RETENTION = 3600
-NOTIFY_CHANNEL = "leanauth_changes"
 PENDING_CHANGES = "leanauth_pending_changes"
 CHANGE_FEED_LOCK_KEY = 0x6C61636866656564  # "lachfeed"
 
