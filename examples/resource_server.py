@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from leanauth.resource import requires
+from leanauth.resource import token_required
 from leanauth.verify import TokenVerifier
 
 
@@ -25,12 +25,12 @@ def build_app(issuer: str, api_audience: str, link_audience: str) -> Starlette:
     backend = TokenVerifier(issuer=issuer, audience=api_audience, jwks_url=jwks_url)
     link = TokenVerifier(issuer=issuer, audience=link_audience, jwks_url=jwks_url)
 
-    @requires(backend, "api")
+    @token_required(backend, "api")
     async def accounts(request: Request) -> Response:
         token = request.state.token
         return JSONResponse({"client_id": token.client_id, "accounts": ["acc-1", "acc-2"]})
 
-    @requires(link, "customer", customer_param="customer_id")
+    @token_required(link, "customer", customer_param="customer_id")
     async def customer_accounts(request: Request) -> Response:
         token = request.state.token
         return JSONResponse({"customer_id": token.customer_id, "accounts": ["acc-9"]})

@@ -31,7 +31,7 @@ from conftest import (
     wait_for,
     wait_until_known,
 )
-from leanauth.resource import BearerError, RequireToken, ServiceUnavailable, requires
+from leanauth.resource import BearerError, RequireToken, ServiceUnavailable, token_required
 from leanauth.verify import Introspection, TokenVerifier, VerifiedToken
 
 API_AUDIENCE = "urn:leanauth:api"
@@ -49,12 +49,12 @@ def resource_app(server: Server, customer_audience: str) -> Starlette:
     link = verifier_for(server, customer_audience)
     require_api = RequireToken(api, "api")
 
-    @requires(api, "api")
+    @token_required(api, "api")
     async def accounts(request: Request) -> Response:
         token: VerifiedToken = request.state.token
         return JSONResponse({"accounts": ["acc-1"], "client_id": token.client_id})
 
-    @requires(link, "customer", customer_param="customer_id")
+    @token_required(link, "customer", customer_param="customer_id")
     async def customer_accounts(request: Request) -> Response:
         token: VerifiedToken = request.state.token
         return JSONResponse({"customer_id": token.customer_id, "accounts": ["acc-2"]})
@@ -366,10 +366,10 @@ def test_require_token_any_class(server: Server, api_token: str) -> None:
 
 
 def guarded_app(verifier: TokenVerifier) -> Starlette:
-    """/accounts guarded by requires(), /dependency by RequireToken as FastAPI runs it."""
+    """/accounts guarded by token_required(), /dependency by RequireToken as FastAPI runs it."""
     require_api = RequireToken(verifier, "api")
 
-    @requires(verifier, "api")
+    @token_required(verifier, "api")
     async def accounts(request: Request) -> Response:
         return JSONResponse({"client_id": request.state.token.client_id})
 

@@ -9,7 +9,7 @@ FastAPI, as a dependency::
 
 Starlette, as a decorator (the token is put on ``request.state.token``)::
 
-    @requires(verifier, "customer", customer_param="customer_id")
+    @token_required(verifier, "customer", customer_param="customer_id")
     async def customer_accounts(request: Request) -> Response: ...
 
 Answers per RFC 6750 §3: no token → 401 with a bare ``WWW-Authenticate: Bearer`` challenge;
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from leanauth.verify import InvalidToken, TokenVerifier, VerificationUnavailable, VerifiedToken
 
-__all__ = ["BearerError", "RequireToken", "ServiceUnavailable", "bearer_token", "requires"]
+__all__ = ["BearerError", "RequireToken", "ServiceUnavailable", "bearer_token", "token_required"]
 
 TokenClass = Literal["api", "customer", "any"]
 REALM = "leanauth"
@@ -131,7 +131,7 @@ class RequireToken:
         return token
 
 
-def requires(
+def token_required(
     verifier: TokenVerifier,
     required: TokenClass = "api",
     *,

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import importlib
 
-import click
+try:
+    import click
+except ModuleNotFoundError as missing:  # the base install: the verifier and SDK only
+    raise SystemExit(
+        "The leanauth command comes with the server: pip install 'leanauth[server]'"
+    ) from missing
 
 from leanauth import __version__
 
