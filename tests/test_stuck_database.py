@@ -305,10 +305,10 @@ def test_request_calls_wait_at_most_their_deadline_on_threads_of_their_own() -> 
         stuck.wait(10)
 
     async def scenario() -> None:
-        calls = StoreCalls(threads=1, max_waiting=2)
+        calls = StoreCalls(0.5, threads=1, max_waiting=2)
         started = time.monotonic()
         # One call takes the thread, two wait for it; the fourth finds the queue full.
-        attempts = [calls.run(0.5, hang, name) for name in ("a", "b", "c", "d")]
+        attempts = [calls.run(hang, name) for name in ("a", "b", "c", "d")]
         outcomes = await asyncio.gather(*attempts, return_exceptions=True)
         assert all(isinstance(o, StoreTimeout) for o in outcomes), outcomes
         assert "not answering" in str(outcomes[3])
@@ -317,7 +317,7 @@ def test_request_calls_wait_at_most_their_deadline_on_threads_of_their_own() -> 
         assert ran == ["a"]
         stuck.set()
         request_id.set("r-1")
-        assert await calls.run(1.0, request_id.get) == "r-1"
+        assert await calls.run(request_id.get) == "r-1"
         assert ran == ["a"]
         calls.close()
 

@@ -20,13 +20,13 @@ from leanauth.endpoints.health import WATCHDOG_INTERVAL, Watchdog, health_routes
 from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY, oauth_routes
 from leanauth.endpoints.prometheus import metrics_routes
 from leanauth.endpoints.token import TOKEN_PATH, TokenEndpoint
+from leanauth.housekeeping import Housekeeper
 from leanauth.logs import configure_logging
 from leanauth.requestid import RequestIds
 from leanauth.services import (
     AUDIT_PRUNE_INTERVAL,
     FLUSH_INTERVAL,
     KEY_ROTATION_CHECK_INTERVAL,
-    Housekeeper,
     Services,
 )
 from leanauth.settings import Settings

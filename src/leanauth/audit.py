@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 
@@ -74,6 +75,16 @@ def _bounded_detail(detail: dict[str, object]) -> dict[str, object]:
         str(bounded(name)): bounded(value) if isinstance(value, str) else value
         for name, value in items
     }
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What is known of a request so far, for its audit record and the throttle. Until the
+    client has authenticated, ``client_id`` and ``scope`` are the request's own text."""
+
+    source: str = "unknown"
+    client_id: str | None = None
+    scope: str | None = None
 
 
 class AuditTrail:

@@ -70,17 +70,16 @@ class StoreCalls:
     A call still queued when its request gives up never runs."""
 
     def __init__(
-        self, threads: int = REQUEST_THREADS, max_waiting: int = MAX_WAITING_CALLS
+        self, timeout: float, threads: int = REQUEST_THREADS, max_waiting: int = MAX_WAITING_CALLS
     ) -> None:
+        self.timeout = timeout
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="leanauth-request-store")
         self._limit = threads + max_waiting
         # Calls submitted and not yet ended (running, stuck, or waiting for a thread).
         self._unfinished = 0
         self._lock = threading.Lock()
 
-    async def run(
-        self, timeout: float, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    async def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call(*args, **kwargs)`` in a thread; :class:`StoreTimeout` after ``timeout``
         seconds, or at once when the threads are stuck and ``max_waiting`` calls wait for
         them. The call sees the request's context (its request id, for the audit)."""
@@ -97,9 +96,9 @@ class StoreCalls:
             self._unfinished += 1
         submitted.add_done_callback(self._ended)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(submitted), timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(submitted), self.timeout)
         except TimeoutError:
-            raise StoreTimeout(f"the database did not answer within {timeout:g}s") from None
+            raise StoreTimeout(f"the database did not answer within {self.timeout:g}s") from None
 
     def _ended(self, _: Future[Any]) -> None:
         # Run by the call's thread when it ends, or by the loop's when a waiting call is
@@ -144,6 +143,7 @@ class RegistryCache:
         cipher: KeyCipher,
         refresh_interval: float,
         listener: ChangeListener | None = None,
+        request_timeout: float = Settings.db_request_timeout,
     ) -> None:
         self._store = store
         self._listener = listener
@@ -163,7 +163,7 @@ class RegistryCache:
         self._change_cursor = 0
         self._last_full_load = self._last_registry_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
-        self.store_calls = StoreCalls()
+        self.store_calls = StoreCalls(request_timeout)
         self.keyring: KeyRing
         self._keys: Sequence[StoredKey] = ()
 
@@ -335,13 +335,13 @@ class RegistryCache:
         client_id: str,
         customer_id: str,
         key: bytes,
-        may_ask_store: bool = True,
-        timeout: float = Settings.db_request_timeout,
+        may_ask_store: bool,
+        now: float,
     ) -> bool:
         """Whether app ``client_id`` owns the customer: from memory, except for an id that
         may name a customer created a moment ago on another node, which the store is asked
-        about (:class:`~leanauth.directory.NewIdLookups` bounds how often), for at most
-        ``timeout`` seconds.
+        about (:class:`~leanauth.directory.NewIdLookups` bounds how often), for at most the
+        store calls' deadline.
 
         Raises :class:`~leanauth.store.base.StoreError` when the store cannot answer (in
         time: :class:`StoreTimeout`) and :class:`NewIdLookupsSpent` when the app has spent
@@ -354,11 +354,11 @@ class RegistryCache:
         if not may_ask_store:
             metrics.CUSTOMER_LOOKUPS.inc("refused")
             return False
-        if not lookups.allow(client_id, time.time()):
+        if not lookups.allow(client_id, now):
             metrics.CUSTOMER_LOOKUPS.inc("refused")
             raise NewIdLookupsSpent
         metrics.CUSTOMER_LOOKUPS.inc("store")
-        found = await self.store_calls.run(timeout, self._store.get_customer, customer_id)
+        found = await self.store_calls.run(self._store.get_customer, customer_id)
         if found is None:
             lookups.remember_missing(key)
             return False

@@ -14,10 +14,16 @@ import binascii
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
+from leanauth.audit import Attempt
 from leanauth.cache import CachedClient, RegistryCache
 from leanauth.credentials import SecretHasher
 from leanauth.errors import InvalidClient, InvalidRequest
 from leanauth.safetext import has_control_characters
+from leanauth.store.models import App
+from leanauth.throttle import FailureThrottle
+
+# The form parameters of client_secret_post.
+CLIENT_PARAMETERS = frozenset({"client_id", "client_secret"})
 
 
 class PresentedCredentials(NamedTuple):
@@ -67,6 +73,10 @@ class Authenticated(NamedTuple):
     client: CachedClient
     secret_id: str
 
+    @property
+    def app(self) -> App:
+        return self.client.app
+
 
 def authenticate(
     credentials: PresentedCredentials, cache: RegistryCache, hasher: SecretHasher, now: float
@@ -84,3 +94,31 @@ def authenticate(
     if not client.app.enabled:
         raise InvalidClient(detail="disabled_app")
     return Authenticated(client, client.secret_ids[matched])
+
+
+class ClientAuthenticator:
+    """Client authentication with the brute-force throttle behind it. The secret is checked
+    before the throttle is consulted, so correct credentials always succeed; a failure is
+    counted, and answered 429 instead of 401 once its pair or source has used up its
+    allowance."""
+
+    def __init__(
+        self, cache: RegistryCache, hasher: SecretHasher, throttle: FailureThrottle
+    ) -> None:
+        self._cache = cache
+        self._hasher = hasher
+        self._throttle = throttle
+
+    def authenticate(
+        self, authorization: bytes | None, params: dict[str, str], attempt: Attempt, now: float
+    ) -> Authenticated:
+        try:
+            presented = presented_credentials(authorization, params)
+            attempt.client_id = presented.client_id
+            return authenticate(presented, self._cache, self._hasher, now)
+        except InvalidClient as failure:
+            throttled = self._throttle.refuse(attempt.client_id, attempt.source, now)
+            if throttled is not None:
+                throttled.detail = failure.detail
+                raise throttled from None
+            raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable, Mapping
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -56,3 +57,25 @@ class SecretHasher:
             if hmac.compare_digest(candidate, stored):
                 found = index
         return found if stored_hashes else None
+
+
+class SecretUse:
+    """When each secret last authenticated, kept in memory by the token path and written to
+    the store in batches (``apps list`` shows it; an operator retires unused secrets by it)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def record(self, secret_id: str, now: float) -> None:
+        self._last[secret_id] = int(now)
+
+    def flush(self, write: Callable[[Mapping[str, int]], None]) -> None:
+        """Hand what was recorded to ``write``; if it fails, keep it for the next flush
+        (a later use recorded meanwhile wins)."""
+        used, self._last = self._last, {}
+        try:
+            write(used)
+        except Exception:
+            for secret_id, at in used.items():
+                self._last.setdefault(secret_id, at)
+            raise

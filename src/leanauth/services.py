@@ -3,20 +3,20 @@ work that keeps request handling free of database writes."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from leanauth import metrics, registry
 from leanauth.audit import AuditTrail
 from leanauth.bootstrap import Runtime
 from leanauth.cache import RegistryCache
+from leanauth.clientauth import ClientAuthenticator
+from leanauth.credentials import SecretUse
 from leanauth.journal import Journal, JournalUnavailable, database_tag, ensure_folder
 from leanauth.notify import listener_for
 from leanauth.quotas import UsageCounter
+from leanauth.scopes import ScopeClass
 from leanauth.settings import Settings, SettingsError
 from leanauth.throttle import FailureThrottle, SourceAddress
 from leanauth.tokens import TokenIssuer
@@ -40,19 +40,34 @@ class Services:
     usage: UsageCounter
     audit: AuditTrail
     source_address: SourceAddress
-    # Secret id → last time it authenticated, written to the store in batches.
-    secret_use: dict[str, int] = field(default_factory=dict)
+    clients: ClientAuthenticator
+    secret_use: SecretUse = field(default_factory=SecretUse)
 
     @classmethod
     def build(cls, runtime: Runtime) -> Services:
         settings = runtime.settings
+        cache = RegistryCache(
+            runtime.store,
+            runtime.cipher,
+            settings.refresh_interval,
+            listener_for(settings),
+            settings.db_request_timeout,
+        )
+        throttle = FailureThrottle(
+            settings.auth_failure_limit,
+            settings.auth_failure_address_limit,
+            settings.scope_failure_limit,
+            settings.redis_url,
+        )
+        audiences: dict[ScopeClass, str] = {
+            "api": settings.api_audience,
+            "customer": settings.customer_audience,
+        }
         return cls(
             runtime=runtime,
-            cache=RegistryCache(
-                runtime.store, runtime.cipher, settings.refresh_interval, listener_for(settings)
-            ),
-            issuer=TokenIssuer(settings),
-            throttle=FailureThrottle(settings),
+            cache=cache,
+            issuer=TokenIssuer(settings.issuer, audiences, settings.token_ttl),
+            throttle=throttle,
             usage=UsageCounter(runtime.store),
             audit=AuditTrail(
                 runtime.store,
@@ -61,6 +76,7 @@ class Services:
                 open_journal(settings),
             ),
             source_address=SourceAddress(settings.trusted_proxies),
+            clients=ClientAuthenticator(cache, runtime.hasher, throttle),
         )
 
     def flush(self, final: bool = False) -> None:
@@ -106,13 +122,7 @@ class Services:
         }
 
     def _flush_secret_use(self) -> None:
-        used, self.secret_use = self.secret_use, {}
-        try:
-            self.runtime.store.record_secret_use(used)
-        except Exception:
-            for secret_id, at in used.items():
-                self.secret_use.setdefault(secret_id, at)
-            raise
+        self.secret_use.flush(self.runtime.store.record_secret_use)
 
     def prune_audit_trail(self) -> None:
         """Delete audit records past their retention (every node may: it is idempotent)."""
@@ -156,57 +166,3 @@ def _unusable(exc: JournalUnavailable) -> SettingsError:
         f"LEANAUTH_JOURNAL_DIR: cannot keep the audit journal in {exc} "
         "(set a writable folder, or 'off')"
     )
-
-
-class Housekeeper:
-    """Runs blocking background jobs in a worker thread, each on its own interval, and the
-    ``final`` jobs once more when it stops (the last metrics snapshot). ``inline`` jobs only
-    look at memory: they run on the event loop, so that threads stuck on a dead database
-    cannot hold them up (the watchdog that reports a stuck node is one)."""
-
-    def __init__(
-        self,
-        jobs: list[tuple[float, Callable[[], None]]],
-        final: tuple[Callable[[], None], ...] = (),
-        inline: list[tuple[float, Callable[[], None]]] | None = None,
-    ) -> None:
-        self._jobs = jobs
-        self._final = final
-        self._inline = inline or []
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._every(i, job)) for i, job in self._jobs]
-        self._tasks += [asyncio.create_task(self._inline_every(i, job)) for i, job in self._inline]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for job in self._final:
-            try:
-                await asyncio.to_thread(job)
-            except Exception:
-                log.exception("background job failed")
-
-    @staticmethod
-    async def _inline_every(interval: float, job: Callable[[], None]) -> None:
-        while True:
-            try:
-                job()
-            except Exception:
-                log.exception("background job failed")
-            await asyncio.sleep(interval)
-
-    @staticmethod
-    async def _every(interval: float, job: Callable[[], None]) -> None:
-        # Each job runs once at start (a key rotation that fell due while no node was up
-        # happens now), then on its interval.
-        while True:
-            try:
-                await asyncio.to_thread(job)
-            except Exception:
-                log.exception("background job failed")
-            await asyncio.sleep(interval)

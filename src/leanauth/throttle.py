@@ -39,7 +39,6 @@ from limits.strategies import FixedWindowRateLimiter
 from leanauth import metrics
 from leanauth.errors import TooManyRequests
 from leanauth.notify import RedisSubscriber
-from leanauth.settings import Settings
 
 log = logging.getLogger("leanauth.throttle")
 
@@ -60,15 +59,19 @@ Hits = tuple[tuple[BlockKey, limits.RateLimitItem], ...]
 
 
 class FailureThrottle:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, pair_limit: str, address_limit: str, scope_limit: str, redis_url: str | None
+    ) -> None:
+        """Limits in ``limits``' notation (``10/minute``); shared through Redis at
+        ``redis_url`` when there is one."""
         self._local = FixedWindowRateLimiter(MemoryStorage())
-        self._pair_limit = limits.parse(settings.auth_failure_limit)
-        self._address_limit = limits.parse(settings.auth_failure_address_limit)
-        self._scope_limit = limits.parse(settings.scope_failure_limit)
+        self._pair_limit = limits.parse(pair_limit)
+        self._address_limit = limits.parse(address_limit)
+        self._scope_limit = limits.parse(scope_limit)
         self._blocked: dict[BlockKey, float] = {}
         self._lock = threading.Lock()
         self._swept_at = 0.0
-        self._shared = SharedCounter(settings.redis_url, self) if settings.redis_url else None
+        self._shared = SharedCounter(redis_url, self) if redis_url else None
 
     def start(self) -> None:
         if self._shared is not None:
@@ -235,9 +238,13 @@ def _forwarded_hop(hop: str) -> str | None:
     elif hop.count(":") == 1:
         hop = hop.split(":", 1)[0]
     try:
-        return normalised(str(ipaddress.ip_address(hop)))
+        ip = ipaddress.ip_address(hop)
     except ValueError:
         return None
+    # An IPv4-mapped entry (what a proxy listening on :: writes) is its IPv4 address; before
+    # Python 3.13, str() spells it ::ffff:a00:1, which no IPv4 network or other hop matches.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)
 
 
 class SourceAddress:
@@ -270,6 +277,16 @@ class SourceAddress:
         if peer.startswith("::ffff:"):
             peer = normalised(peer)
         return bool(self._trusted) and self._is_trusted(peer)
+
+    def of_request(self, scope: dict[str, Any]) -> str:
+        """The source of an ASGI request (its last X-Forwarded-For header, if any, is the one
+        the nearest proxy wrote)."""
+        forwarded_for = None
+        if self._trusted:
+            for name, value in scope["headers"]:
+                if name == b"x-forwarded-for":
+                    forwarded_for = value
+        return self(scope, forwarded_for)
 
     def __call__(self, scope: dict[str, Any], forwarded_for: bytes | None) -> str:
         client = scope.get("client")

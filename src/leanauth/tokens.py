@@ -9,14 +9,14 @@ Lean's ``applications: [{"id": client_id}]`` and, on customer tokens,
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import orjson
 
 from leanauth.keys import Signer, b64url
-from leanauth.scopes import RequestedScope
-from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL, Settings
+from leanauth.scopes import RequestedScope, ScopeClass
+from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL
 
 JTI_BYTES = 18
 
@@ -30,10 +30,12 @@ class IssuedToken(NamedTuple):
 
 
 class TokenIssuer:
-    def __init__(self, settings: Settings) -> None:
-        self._issuer = settings.issuer
-        self._default_ttl = settings.token_ttl
-        self._audiences = {"api": settings.api_audience, "customer": settings.customer_audience}
+    def __init__(self, issuer: str, audiences: Mapping[ScopeClass, str], default_ttl: int) -> None:
+        """``audiences``: the audience of each class of token; ``default_ttl``: the lifetime
+        of the tokens of an app without a lifetime of its own."""
+        self._issuer = issuer
+        self._default_ttl = default_ttl
+        self._audiences = dict(audiences)
         self._pool = b""
         self._pool_offset = 0
 
@@ -59,9 +61,15 @@ class TokenIssuer:
         return ttl
 
     def issue(
-        self, signer: Signer, client_id: str, scope: RequestedScope, app_ttl: int | None
+        self,
+        signer: Signer,
+        client_id: str,
+        scope: RequestedScope,
+        app_ttl: int | None,
+        at: float,
     ) -> IssuedToken:
-        now = int(time.time())
+        """A token issued at Unix time ``at``, living the app's lifetime or the default."""
+        now = int(at)
         ttl = self.lifetime(app_ttl, scope)
         jti = self._jti()
         claims: dict[str, object] = {

@@ -60,14 +60,12 @@ class CustomersApi:
         self._services = services
         settings = services.runtime.settings
         self._audiences = {settings.api_audience, settings.customer_audience}
-        self._store_timeout = settings.db_request_timeout
 
     async def _ask_store(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A store call on the requests' own threads, waited for at most
         LEANAUTH_DB_REQUEST_TIMEOUT seconds (then :class:`StoreTimeout`, a StoreError). A
         create given up on may still commit afterwards: retried, it answers 409."""
-        calls = self._services.cache.store_calls
-        return await calls.run(self._store_timeout, call, *args, **kwargs)
+        return await self._services.cache.store_calls.run(call, *args, **kwargs)
 
     def _token(self, request: Request) -> VerifiedToken:
         """This server's own check of a bearer token: signature, expiry, audience, revocation."""

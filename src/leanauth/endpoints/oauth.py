@@ -14,13 +14,10 @@ import orjson
 from starlette.routing import Route
 
 from leanauth import metrics
-from leanauth.endpoints.oauthbase import (
-    CLIENT_PARAMETERS,
-    Attempt,
-    OAuthEndpoint,
-    Receive,
-    Scope,
-)
+from leanauth.audit import Attempt
+from leanauth.clientauth import CLIENT_PARAMETERS
+from leanauth.endpoints.form import Receive, Scope, read_form
+from leanauth.endpoints.oauthbase import OAuthEndpoint
 from leanauth.errors import (
     InvalidRequest,
     TemporarilyUnavailable,
@@ -102,13 +99,19 @@ class TokenCheckEndpoint(OAuthEndpoint):
 
     parameters = frozenset({"token", "token_type_hint", *CLIENT_PARAMETERS})
 
+    def __init__(self, services: Services) -> None:
+        super().__init__(services.audit, services.source_address)
+        self._services = services
+
     async def caller_and_token(
         self, scope: Scope, receive: Receive, attempt: Attempt, now: float, *, expired: bool
     ) -> tuple[App, dict[str, Any] | None]:
         """The authenticated app and the claims of the ``token`` parameter (None when it is
         not a token of ours; with ``expired``, expired tokens still count as ours)."""
-        form = await self.read_form(scope, receive, attempt)
-        caller = self.authenticate(form, attempt, now).client.app
+        form = await read_form(scope, receive, self.parameters)
+        caller = self._services.clients.authenticate(
+            form.authorization, form.params, attempt, now
+        ).app
         token = token_parameter(form.params)
         return caller, decode_own_token(self._services, token, check_expiry=not expired)
 
@@ -138,7 +141,6 @@ class RevocationEndpoint(TokenCheckEndpoint):
         cap = services.runtime.settings.max_revocations_per_app
         try:
             await services.cache.store_calls.run(
-                services.runtime.settings.db_request_timeout,
                 services.runtime.store.revoke_token,
                 revoked,
                 cap,
