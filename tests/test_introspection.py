@@ -34,7 +34,8 @@ from conftest import (
     wait_until_known,
 )
 from leanauth.bootstrap import open_runtime
-from leanauth.keys import KeyRing, b64url
+from leanauth.jose import b64url
+from leanauth.keys import KeyRing
 from leanauth.settings import Settings
 
 REVOKE = "/oauth2/revoke"

@@ -48,7 +48,8 @@ from conftest import (
 )
 from leanauth.bootstrap import open_runtime
 from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY
-from leanauth.keys import PrivateKey, schedule
+from leanauth.jose import PrivateKey
+from leanauth.keys import schedule
 from leanauth.settings import Settings
 
 # One issuer for every node of an installation (by default each names its own port).

@@ -9,10 +9,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from leanauth.keys import KeyCipher, StoredKey, new_stored_key
+from leanauth.keys import KeyCipher, new_stored_key
 from leanauth.store import migrate
 from leanauth.store.base import AlreadyExists, Conflict, NotFound, StoreError
-from leanauth.store.models import App, AuditEvent, ClientSecret, Customer, RevokedToken
+from leanauth.store.models import (
+    App,
+    AuditEvent,
+    ClientSecret,
+    Customer,
+    RevokedToken,
+    StoredKey,
+)
 from leanauth.store.sql import SqlStore
 
 NOW = 1_800_000_000
@@ -59,7 +66,7 @@ def test_empty_database_has_no_revision(database_url: str) -> None:
     try:
         assert fresh.schema_revision() is None
         with pytest.raises(migrate.SchemaOutdated, match="leanauth db upgrade"):
-            migrate.require_current(fresh.engine)
+            migrate.require_current(fresh.schema_revision())
     finally:
         fresh.close()
 
@@ -96,13 +103,13 @@ def test_app_and_first_secret_are_one_transaction(store: SqlStore) -> None:
 
 def test_enable_and_disable(store: SqlStore) -> None:
     app, _ = add_app(store)
-    assert store.set_app_enabled(app.client_id, False).enabled is False
+    assert store.update_app(app.client_id, enabled=False).enabled is False
     assert store.get_app(app.client_id) == App(
         app.client_id, app.name, app.scopes, app.token_ttl, False, app.created_at
     )
-    assert store.set_app_enabled(app.client_id, True).enabled is True
+    assert store.update_app(app.client_id, enabled=True).enabled is True
     with pytest.raises(NotFound):
-        store.set_app_enabled(str(uuid.uuid4()), False)
+        store.update_app(str(uuid.uuid4()), enabled=False)
 
 
 def test_rotate_secret_keeps_the_old_one_for_the_grace_period(store: SqlStore) -> None:
@@ -321,7 +328,7 @@ def test_concurrent_first_starts_make_one_key(store: SqlStore, cipher: KeyCipher
 def test_change_feed_names_every_write_in_order(store: SqlStore, cipher: KeyCipher) -> None:
     start = store.latest_change_id()
     app, _ = add_app(store)
-    store.set_app_enabled(app.client_id, False)
+    store.update_app(app.client_id, enabled=False)
     customer = Customer(str(uuid.uuid4()), app.client_id, "user-1", NOW)
     store.create_customer(customer)
     key = new_stored_key("ES256", cipher, NOW)

@@ -37,7 +37,7 @@ import orjson
 from leanauth import journal, requestid
 from leanauth.journal import Journal
 from leanauth.safetext import MAX_FIELD, bounded
-from leanauth.store.base import RejectedRecords, Store
+from leanauth.store.base import AuditStore, RejectedRecords
 from leanauth.store.models import AuditEvent
 
 log = logging.getLogger("leanauth.audit")
@@ -90,7 +90,7 @@ class Attempt:
 class AuditTrail:
     def __init__(
         self,
-        store: Store,
+        store: AuditStore,
         log_mode: str,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         journal: Journal | None = None,

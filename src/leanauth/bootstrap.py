@@ -130,12 +130,13 @@ def open_store(settings: Settings, *, create: bool = False) -> SqlStore:
     return SqlStore(settings.database_url, options, publish=publisher)
 
 
-def require_schema(settings: Settings, store: SqlStore) -> None:
+def require_schema(settings: Settings, store: Store) -> None:
     """Raise unless the database has this code's schema: :class:`NotInitialised` when it has
     none, ``SchemaAhead`` or ``SchemaOutdated`` when it is at another revision."""
-    if store.schema_revision() is None:
+    current = store.schema_revision()
+    if current is None:
         raise NotInitialised(settings)
-    require_current(store.engine)
+    require_current(current)
 
 
 def open_runtime(

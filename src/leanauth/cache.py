@@ -28,11 +28,11 @@ from typing import Any, ParamSpec, TypeVar
 
 from leanauth import metrics
 from leanauth.directory import CustomerDirectory, NewIdLookups, id_key
-from leanauth.keys import KeyCipher, KeyRing, StoredKey
+from leanauth.keys import KeyCipher, KeyRing
 from leanauth.notify import ChangeListener
 from leanauth.settings import Settings
-from leanauth.store.base import CHANGE_RETENTION, Store, StoreError
-from leanauth.store.models import App, Change, Credentials, Customer
+from leanauth.store.base import CHANGE_RETENTION, RegistryStore, StoreError
+from leanauth.store.models import App, Change, Credentials, Customer, StoredKey
 
 log = logging.getLogger("leanauth.cache")
 
@@ -139,7 +139,7 @@ def _cached(credentials: Credentials) -> CachedClient:
 class RegistryCache:
     def __init__(
         self,
-        store: Store,
+        store: RegistryStore,
         cipher: KeyCipher,
         refresh_interval: float,
         listener: ChangeListener | None = None,

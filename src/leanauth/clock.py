@@ -16,7 +16,7 @@ around the query; of a few samples, the one with the shortest round trip counts,
 does when even that one took too long to mean anything.
 
 On SQLite there is nothing to compare: the database is a file this process reads, and any
-time it holds is this node's own (:meth:`~leanauth.store.base.Store.database_time` is None).
+time it holds is this node's own (:meth:`~leanauth.store.base.DatabaseClock.database_time` is None).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Literal
 
-from leanauth.store.base import Store, StoreError
+from leanauth.store.base import DatabaseClock, StoreError
 
 log = logging.getLogger("leanauth.clock")
 
@@ -40,7 +40,7 @@ MAX_ROUND_TRIP = 1.0
 ClockState = Literal["unknown", "in_bound", "skewed", "past_leeway"]
 
 
-def measure_offset(store: Store, max_round_trip: float = MAX_ROUND_TRIP) -> float | None:
+def measure_offset(store: DatabaseClock, max_round_trip: float = MAX_ROUND_TRIP) -> float | None:
     """Seconds this node's clock is ahead of the database's (negative: behind); None on
     SQLite, or when no sample's round trip was within ``max_round_trip``."""
     best: tuple[float, float] | None = None  # (round trip, offset)
@@ -70,7 +70,7 @@ class ClockCheck:
     """Measures this node's clock offset from the database's (a background job: blocking),
     says in the log when it passes the bound and when it is back, and tells readiness."""
 
-    def __init__(self, store: Store, max_skew: float, leeway: float) -> None:
+    def __init__(self, store: DatabaseClock, max_skew: float, leeway: float) -> None:
         self._store = store
         self._max_skew = max_skew
         self._leeway = leeway

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from leanauth import metrics
 from leanauth.errors import TooManyRequests
-from leanauth.store.base import Store
+from leanauth.store.base import UsageStore
 from leanauth.store.models import App
 
 
@@ -42,7 +42,7 @@ class UsageCounter:
     token); a flush adds them to the windows current at that moment, so a count made in the
     last fraction of a second of an hour may land in the next one."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: UsageStore) -> None:
         self._store = store
         self._windows = usage_windows(time.time())
         self._pending: Counter[str] = Counter()

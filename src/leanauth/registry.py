@@ -19,12 +19,12 @@ import orjson
 from leanauth.audit import audit_record, now_ms
 from leanauth.bootstrap import Runtime
 from leanauth.credentials import new_client_secret, new_secret_id
-from leanauth.keys import StoredKey, new_stored_key
+from leanauth.keys import new_stored_key
 from leanauth.safetext import has_control_characters
 from leanauth.scopes import ScopeClass
 from leanauth.settings import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from leanauth.store.base import NotFound, StoreError
-from leanauth.store.models import App, AuditEvent, ClientSecret, Customer
+from leanauth.store.models import App, AuditEvent, ClientSecret, Customer, StoredKey
 
 log = logging.getLogger("leanauth.audit")
 
@@ -170,7 +170,7 @@ def set_enabled(runtime: Runtime, client_id: str, enabled: bool) -> App:
     """Enable or disable an app. A disabled app gets no token, and the tokens it holds are
     refused by this server's own checks (Customers API, introspection) until it is enabled."""
     with _audited(runtime) as audit:
-        app = runtime.store.set_app_enabled(client_id, enabled)
+        app = runtime.store.update_app(client_id, enabled=enabled)
         audit.add("app.enable" if enabled else "app.disable", client_id)
     return app
 

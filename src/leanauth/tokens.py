@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import orjson
 
-from leanauth.keys import Signer, b64url
+from leanauth.jose import Signer, b64url
 from leanauth.scopes import RequestedScope, ScopeClass
 from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL
 

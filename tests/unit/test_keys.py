@@ -13,22 +13,24 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from leanauth.jose import (
+    PrivateKey,
+    b64url,
+    generate_private_key,
+    load_public_key,
+    public_jwk,
+    thumbprint,
+)
 from leanauth.keys import (
     CLOCK_SKEW_LEEWAY,
     RETIRED_KEY_PUBLISHED_FOR,
     KeyCipher,
     KeyRing,
-    PrivateKey,
-    StoredKey,
-    b64url,
-    generate_private_key,
-    load_public_key,
     new_stored_key,
-    public_jwk,
     schedule,
-    thumbprint,
 )
 from leanauth.settings import MAX_TOKEN_TTL, SIGNING_ALGORITHMS
+from leanauth.store.models import StoredKey
 
 # b64url
 

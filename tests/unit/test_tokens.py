@@ -1,4 +1,4 @@
-"""JWT access tokens (leanauth.tokens) signed by leanauth.keys.Signer, checked with PyJWT: the
+"""JWT access tokens (leanauth.tokens) signed by leanauth.jose.Signer, checked with PyJWT: the
 encoder is hand-made for speed, so an independent JOSE library is the judge."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 
-from leanauth.keys import PrivateKey, Signer, generate_private_key, public_jwk, thumbprint
+from leanauth.jose import PrivateKey, Signer, generate_private_key, public_jwk, thumbprint
 from leanauth.scopes import API_SCOPE, RequestedScope, parse_scope
 from leanauth.settings import MIN_CUSTOMER_TOKEN_TTL, SIGNING_ALGORITHMS
 from leanauth.tokens import JTI_BYTES, TokenIssuer

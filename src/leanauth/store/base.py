@@ -1,16 +1,17 @@
 """The storage contract every backend implements (SQLite and PostgreSQL through SQLAlchemy).
 
-Handlers never write SQL: they call this interface. Every method is one transaction, and
-the calls made inside :meth:`Store.atomic` are one together.
+Handlers never write SQL: they call this interface, split by role (the registry and its
+change feed, usage counts, the audit trail, the database's clock); each part of the server
+depends on the role it uses. Every method is one transaction, and the calls made inside
+:meth:`Store.atomic` are one together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
-from leanauth.keys import StoredKey
 from leanauth.store.models import (
     App,
     AuditEvent,
@@ -19,6 +20,7 @@ from leanauth.store.models import (
     Credentials,
     Customer,
     RevokedToken,
+    StoredKey,
 )
 
 # The change feed, as every node follows it: change rows older than this are pruned (every
@@ -64,26 +66,32 @@ class ChangePublisher(Protocol):
     def close(self) -> None: ...
 
 
-class Store(Protocol):
-    def upgrade_schema(self) -> None:
-        """Apply every pending migration, once even when several processes ask at once."""
+class AppChanges(TypedDict, total=False):
+    """The settings of an app that can change after it is created."""
 
-    def schema_revision(self) -> str | None:
-        """The schema's migration revision; None for an empty database."""
+    enabled: bool
+    introspect: bool
+    token_ttl: int | None
+    quota_hourly: int | None
+    quota_daily: int | None
+    tokens_not_before: int | None
 
-    def close(self) -> None: ...
 
-    def atomic(self) -> AbstractContextManager[None]:
-        """The calls made in the block (in this thread or task) commit together when it
-        ends, or none does when it raises: an admin change and its audit record are one
-        transaction. A block inside another joins it."""
+class ChangeFeed(Protocol):
+    """Every committed registry change, in order: how each node's cache stays fresh."""
+
+    def latest_change_id(self) -> int: ...
+    def changes_since(self, change_id: int) -> Sequence[Change]: ...
+
+
+class RegistryStore(ChangeFeed, Protocol):
+    """Apps, their secrets and customers, signing keys and revoked tokens."""
 
     # Apps and their secrets
     def create_app(self, app: App, secret: ClientSecret) -> None: ...
     def get_app(self, client_id: str) -> App | None: ...
     def list_apps(self) -> Sequence[App]: ...
-    def update_app(self, client_id: str, **values: object) -> App: ...
-    def set_app_enabled(self, client_id: str, enabled: bool) -> App: ...
+    def update_app(self, client_id: str, **changes: Unpack[AppChanges]) -> App: ...
     def rotate_secret(
         self, secret: ClientSecret, now: int, old_expires_at: int, expected_live: frozenset[str]
     ) -> None: ...
@@ -120,14 +128,24 @@ class Store(Protocol):
         self, kid: str, now: int, replacement: StoredKey
     ) -> tuple[StoredKey, StoredKey | None]: ...
 
-    # Revocations, usage, audit
+    # Revoked tokens
     def revoke_token(self, revoked: RevokedToken, max_live_per_app: int | None = None) -> bool: ...
     def get_revoked(self, jti: str) -> RevokedToken | None: ...
     def list_revoked(self, now: int) -> Sequence[RevokedToken]: ...
+
+
+class UsageStore(Protocol):
+    """Tokens issued per app per hour and day (the quotas' counts)."""
+
     def add_usage(self, deltas: Mapping[tuple[str, str], int], keep: Sequence[str]) -> None: ...
     def usage(
         self, windows: Sequence[str], client_id: str | None = None
     ) -> dict[tuple[str, str], int]: ...
+
+
+class AuditStore(Protocol):
+    """The audit trail."""
+
     def add_audit_events(self, events: Sequence[AuditEvent]) -> None:
         """Append events; :class:`RejectedRecords` when the database refuses their data."""
 
@@ -136,10 +154,25 @@ class Store(Protocol):
         self, client_id: str | None = None, since_ms: int | None = None, limit: int = 1000
     ) -> Sequence[AuditEvent]: ...
 
-    # Change feed for cache freshness across processes
-    def latest_change_id(self) -> int: ...
-    def changes_since(self, change_id: int) -> Sequence[Change]: ...
 
+class DatabaseClock(Protocol):
     def database_time(self) -> float | None:
         """The database server's clock now, in seconds since the epoch (to compare this
         node's with); None when the database has no clock of its own (SQLite)."""
+
+
+class Store(RegistryStore, UsageStore, AuditStore, DatabaseClock, Protocol):
+    """Every role, and the database's life: its schema, transactions, closing."""
+
+    def upgrade_schema(self) -> None:
+        """Apply every pending migration, once even when several processes ask at once."""
+
+    def schema_revision(self) -> str | None:
+        """The schema's migration revision; None for an empty database."""
+
+    def close(self) -> None: ...
+
+    def atomic(self) -> AbstractContextManager[None]:
+        """The calls made in the block (in this thread or task) commit together when it
+        ends, or none does when it raises: an admin change and its audit record are one
+        transaction. A block inside another joins it."""

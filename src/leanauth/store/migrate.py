@@ -138,10 +138,10 @@ def upgrade(engine: Engine) -> None:
         conn.commit()
 
 
-def require_current(engine: Engine) -> None:
-    """Raise :class:`SchemaAhead` or :class:`SchemaOutdated` unless the schema is at this
-    code's head."""
-    current, head = current_revision(engine), head_revision()
+def require_current(current: str | None) -> None:
+    """Raise :class:`SchemaAhead` or :class:`SchemaOutdated` unless the schema revision
+    ``current`` is this code's head."""
+    head = head_revision()
     if current is not None and schema_state(current) == "ahead":
         raise SchemaAhead(current)
     if current != head:

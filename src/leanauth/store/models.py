@@ -95,3 +95,23 @@ class AuditEvent(NamedTuple):
     source: str | None = None
     detail: dict[str, object] | None = None
     event_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A signing key as the store keeps it (private part encrypted)."""
+
+    kid: str
+    alg: str
+    encrypted_private_key: bytes
+    public_jwk: dict[str, str]
+    created_at: int
+    activates_at: int
+    revoked_at: int | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def jwk(self) -> dict[str, str]:
+        return {**self.public_jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}

@@ -11,17 +11,17 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 from sqlalchemy import Connection, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from leanauth.keys import StoredKey, schedule
+from leanauth.keys import schedule
 from leanauth.scopes import SCOPE_CLASSES, ScopeClass
 from leanauth.store import schema
-from leanauth.store.base import AlreadyExists, Conflict, NotFound
-from leanauth.store.models import App, ClientSecret, Credentials, Customer
+from leanauth.store.base import AlreadyExists, AppChanges, Conflict, NotFound
+from leanauth.store.models import App, ClientSecret, Credentials, Customer, StoredKey
 from leanauth.store.records import SqlRecords
 from leanauth.store.sqlbase import CHANGE_FEED_LOCK_KEY, SqlBase
 
@@ -169,11 +169,10 @@ class SqlRegistry(SqlBase):
         with self._read() as conn:
             return [_app(r) for r in conn.execute(select(schema.apps).order_by(*order))]
 
-    def update_app(self, client_id: str, **values: object) -> App:
-        """Change some of an app's settings (enabled, quotas, introspect, token_ttl)."""
+    def update_app(self, client_id: str, **changes: Unpack[AppChanges]) -> App:
         with self._write() as conn:
             done = conn.execute(
-                update(schema.apps).where(schema.apps.c.client_id == client_id).values(values)
+                update(schema.apps).where(schema.apps.c.client_id == client_id).values(changes)
             )
             if done.rowcount == 0:
                 raise NotFound(f"no app {client_id}")
@@ -181,9 +180,6 @@ class SqlRegistry(SqlBase):
             app = self._app_in(conn, client_id)
         assert app is not None
         return app
-
-    def set_app_enabled(self, client_id: str, enabled: bool) -> App:
-        return self.update_app(client_id, enabled=enabled)
 
     # Secrets
 
