@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +252,38 @@ def create_app(env: Env, *args: str) -> AppCredentials:
 @pytest.fixture(scope="session")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     return Env(tmp_path_factory.mktemp("leanauth"))
+
+
+# Fixtures a module declares for an installation of its own (settings the session's server
+# does not have): ``env, server = module_server("audit", LEANAUTH_AUDIT_LOG="all")``.
+ModuleFixtures = tuple[Callable[..., Env], Callable[..., Iterator[Server]]]
+
+
+def module_server(name: str, **variables: str) -> ModuleFixtures:
+    """Module-scoped ``env`` and ``server`` fixtures: an installation with ``variables`` and
+    one server on it, stopped when the module's tests are done."""
+
+    @pytest.fixture(scope="module", name="env")
+    def module_env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+        return Env(tmp_path_factory.mktemp(name), extra=variables)
+
+    @pytest.fixture(scope="module", name="server")
+    def module_running(env: Env) -> Iterator[Server]:
+        with serving(env) as running:
+            yield running
+
+    return module_env, module_running
+
+
+def module_app(*args: str) -> Callable[..., AppCredentials]:
+    """A module-scoped ``app`` fixture: ``apps create ARGS`` on the module's installation,
+    once its server knows the app."""
+
+    @pytest.fixture(scope="module", name="app")
+    def created_app(env: Env, server: Server) -> AppCredentials:
+        return known_app(env, server, *args)
+
+    return created_app
 
 
 @pytest.fixture(scope="session")

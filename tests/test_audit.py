@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from conftest import (
     Env,
     Server,
     create_app,
+    module_server,
     request_token,
     serving,
     wait_for,
@@ -35,24 +36,14 @@ LOOPBACK = "127.0.0.1"
 Event = dict[str, Any]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    return Env(
-        tmp_path_factory.mktemp("audit"),
-        extra={
-            "LEANAUTH_AUDIT_LOG": "all",
-            "LEANAUTH_LOG_FORMAT": "json",
-            # Room for the refusals made here: the brute-force throttle is tested elsewhere.
-            "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-            "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def server(env: Env) -> Iterator[Server]:
-    with serving(env) as running:
-        yield running
+env, server = module_server(
+    "audit",
+    LEANAUTH_AUDIT_LOG="all",
+    LEANAUTH_LOG_FORMAT="json",
+    # Room for the refusals made here: the brute-force throttle is tested elsewhere.
+    LEANAUTH_AUTH_FAILURE_LIMIT="1000 per minute",
+    LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT="10000 per minute",
+)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from conftest import (
     create_app,
     installation,
     kid_of,
+    module_app,
+    module_server,
     new_token,
     request_token,
     serving,
@@ -43,22 +44,8 @@ RETIRED_FOR = 86_400 + 300
 KEY_ENV = {"LEANAUTH_KEY_PREPUBLISH": str(PREPUBLISH), "LEANAUTH_JWKS_MAX_AGE": "1"}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    return Env(tmp_path_factory.mktemp("key-rotation"), extra=KEY_ENV)
-
-
-@pytest.fixture(scope="module")
-def server(env: Env) -> Iterator[Server]:
-    with serving(env) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def app(env: Env, server: Server) -> AppCredentials:
-    created = create_app(env, "--name", "Key rotation", "--scopes", "api")
-    wait_until_known(server, created)
-    return created
+env, server = module_server("key-rotation", **KEY_ENV)
+app = module_app("--scopes", "api")
 
 
 def fetch_jwks(server: Server) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ from conftest import (
     PostgresDatabases,
     Server,
     create_app,
+    module_server,
     request_token,
-    serving,
     start_server,
     wait_for,
     wait_until_known,
@@ -36,22 +35,12 @@ FRESH_WITHIN = 2.0
 SECRET_FIELDS = {"secret_id", "created_at", "expires_at", "last_used_at", "live"}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    # Room for the refusals these tests provoke: the brute-force throttle is tested elsewhere.
-    return Env(
-        tmp_path_factory.mktemp("secret-rotation"),
-        extra={
-            "LEANAUTH_AUTH_FAILURE_LIMIT": "1000 per minute",
-            "LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT": "10000 per minute",
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def server(env: Env) -> Iterator[Server]:
-    with serving(env) as running:
-        yield running
+# Room for the refusals these tests provoke: the brute-force throttle is tested elsewhere.
+env, server = module_server(
+    "secret-rotation",
+    LEANAUTH_AUTH_FAILURE_LIMIT="1000 per minute",
+    LEANAUTH_AUTH_FAILURE_ADDRESS_LIMIT="10000 per minute",
+)
 
 
 @pytest.fixture
