@@ -446,6 +446,27 @@ def test_retries_are_bounded(fake: FakeTokenEndpoint) -> None:
     assert len(fake.hits) == 4
 
 
+def test_retries_are_bounded_async(fake: FakeTokenEndpoint) -> None:
+    fake.script = [(503, {"Retry-After": "0"})]
+    auth = ClientCredentials("id", "secret", fake.url, max_retries=2)
+    with pytest.raises(TokenRequestError) as info:
+        asyncio.run(auth.atoken())
+    assert info.value.status_code == 503
+    assert auth.requests_made == 3
+    assert len(fake.hits) == 3
+
+
+def test_unreachable_token_endpoint_raises_async() -> None:
+    from conftest import free_port
+
+    auth = ClientCredentials("id", "secret", f"http://127.0.0.1:{free_port()}/oauth2/token")
+    with pytest.raises(TokenRequestError) as info:
+        asyncio.run(auth.atoken())
+    assert info.value.status_code is None
+    assert "unreachable" in str(info.value)
+    assert auth.requests_made == 1
+
+
 def test_other_errors_are_not_retried(fake: FakeTokenEndpoint) -> None:
     fake.script = [(500, {"Retry-After": "0"})]
     auth = ClientCredentials("id", "secret", fake.url)

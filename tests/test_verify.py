@@ -906,6 +906,45 @@ def test_unknown_kids_refetch_at_most_once_concurrently_with_averify(
     assert own_jwks.fetches <= 2
 
 
+def test_concurrent_first_verifications_share_one_jwks_fetch(
+    own_key: Key, own_jwks: JwksServer
+) -> None:
+    # Callers that wait while another fetches the JWKS use the key set it fetched.
+    verifier = TokenVerifier(issuer=ISSUER, audience=API_AUDIENCE, jwks_url=own_jwks.jwks_url)
+    tokens = [own_key.token() for _ in range(20)]
+    barrier = threading.Barrier(len(tokens))
+    outcomes: list[Any] = []
+
+    def call(token: str) -> None:
+        barrier.wait(timeout=10)
+        try:
+            outcomes.append(verifier.verify(token).client_id)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call, args=(token,)) for token in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert outcomes == [CLIENT_ID] * len(tokens)
+    assert own_jwks.fetches == 1
+
+
+def test_concurrent_first_averify_calls_share_one_jwks_fetch(
+    own_key: Key, own_jwks: JwksServer
+) -> None:
+    verifier = TokenVerifier(issuer=ISSUER, audience=API_AUDIENCE, jwks_url=own_jwks.jwks_url)
+    tokens = [own_key.token() for _ in range(20)]
+
+    async def verify_all() -> list[Any]:
+        return await asyncio.gather(*map(verifier.averify, tokens), return_exceptions=True)
+
+    results = asyncio.run(verify_all())
+    assert [getattr(result, "client_id", result) for result in results] == [CLIENT_ID] * 20
+    assert own_jwks.fetches == 1
+
+
 def test_a_key_added_to_the_jwks_is_found_after_the_refetch_interval(
     own_key: Key, own_jwks: JwksServer
 ) -> None:

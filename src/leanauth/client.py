@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 from urllib.parse import quote_plus
 
 import httpx
@@ -31,6 +31,10 @@ __all__ = ["ClientCredentials", "TokenRequestError"]
 
 CUSTOMER_MIN_REMAINING = 600
 RETRY_STATUSES = frozenset({429, 503})
+
+# A token fetch with no I/O (as in httpx's Auth.auth_flow): it yields (seconds to sleep, form
+# to post), is sent the response (or has the httpx error thrown in) and returns the token.
+_Flow = Generator[tuple[float, dict[str, str]], httpx.Response, str]
 
 
 class TokenRequestError(Exception):
@@ -64,42 +68,39 @@ class ClientCredentials(httpx.Auth):
         max_retry_wait: float = 30.0,
         timeout: float = 10.0,
     ) -> None:
-        self._token_url = token_url
+        self._url = token_url  # the token endpoint
         self._scope = scope
         self._margin = refresh_margin
         self._max_retries = max_retries
         self._max_retry_wait = max_retry_wait
         self._timeout = timeout
         # RFC 6749 §2.3.1: each part is form-urlencoded before Base64.
-        pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
-        self._basic = "Basic " + base64.b64encode(pair).decode()
+        basic = base64.b64encode(f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode())
+        self._headers = {"Authorization": f"Basic {basic.decode()}", "Accept": "application/json"}
         self._tokens: dict[str, _Token] = {}
         self._lock = threading.Lock()
         self._async_locks: dict[tuple[int, str], asyncio.Lock] = {}
         self.requests_made = 0  # token requests sent, for observability and tests
 
-    # httpx.Auth
+    # httpx.Auth: a 401 (revoked, or signed by a key the API lacks) gets one fresh-token retry.
 
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = "Bearer " + self.token()
-        response = yield request
-        if response.status_code == 401:
-            # Revoked, or signed by a key the API has not seen yet: one fresh token, one retry.
-            request.headers["Authorization"] = "Bearer " + self.token(force=True)
-            yield request
+        for force in (False, True):
+            request.headers["Authorization"] = "Bearer " + self.token(force=force)
+            if (yield request).status_code != 401:
+                return
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        request.headers["Authorization"] = "Bearer " + await self.atoken()
-        response = yield request
-        if response.status_code == 401:
-            request.headers["Authorization"] = "Bearer " + await self.atoken(force=True)
-            yield request
+        for force in (False, True):
+            request.headers["Authorization"] = "Bearer " + await self.atoken(force=force)
+            if (yield request).status_code != 401:
+                return
 
-    # Tokens
+    # Tokens: cached, else fetched holding the lock by a flow (see _Flow)
 
     def token(
         self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
@@ -109,10 +110,7 @@ class ClientCredentials(httpx.Auth):
         if not force and (hit := self._fresh(scope, min_remaining)) is not None:
             return hit.value
         with self._lock:
-            # Another thread may have fetched one while this one waited for the lock.
-            if (hit := self._fresh(scope, min_remaining, unless=seen)) is not None:
-                return hit.value
-            return self._store(scope, self._fetch_sync(scope))
+            return self._run(self._fetch(scope, min_remaining, seen))
 
     async def atoken(
         self, scope: str | None = None, *, min_remaining: float | None = None, force: bool = False
@@ -122,9 +120,14 @@ class ClientCredentials(httpx.Auth):
         if not force and (hit := self._fresh(scope, min_remaining)) is not None:
             return hit.value
         async with self._async_lock(scope):
-            if (hit := self._fresh(scope, min_remaining, unless=seen)) is not None:
-                return hit.value
-            return self._store(scope, await self._fetch_async(scope))
+            return await self._arun(self._fetch(scope, min_remaining, seen))
+
+    def customer_token(self, customer_id: str) -> str:
+        """A ``customer.<id>`` token with at least ten minutes left, for the LinkSDK."""
+        return self.token(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
+
+    async def acustomer_token(self, customer_id: str) -> str:
+        return await self.atoken(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
 
     def _fresh(
         self, scope: str, min_remaining: float | None, unless: _Token | None = None
@@ -137,61 +140,59 @@ class ClientCredentials(httpx.Auth):
             return token
         return None
 
-    def _store(self, scope: str, token: _Token) -> str:
-        self._tokens[scope] = token
-        return token.value
-
-    def customer_token(self, customer_id: str) -> str:
-        """A ``customer.<id>`` token with at least ten minutes left, for the LinkSDK."""
-        return self.token(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
-
-    async def acustomer_token(self, customer_id: str) -> str:
-        return await self.atoken(f"customer.{customer_id}", min_remaining=CUSTOMER_MIN_REMAINING)
-
     def _async_lock(self, scope: str) -> asyncio.Lock:
         # asyncio locks belong to one event loop: one per loop and scope.
-        key = (id(asyncio.get_running_loop()), scope)
-        lock = self._async_locks.get(key)
-        if lock is None:
-            lock = self._async_locks[key] = asyncio.Lock()
-        return lock
+        return self._async_locks.setdefault((id(asyncio.get_running_loop()), scope), asyncio.Lock())
 
-    # The token endpoint
+    def _fetch(self, scope: str, min_remaining: float | None, seen: _Token | None) -> _Flow:
+        """The flow of a ``scope`` token: one fetched while this caller waited for the lock (so
+        not ``seen``), else a new one, with 429 and 503 retried after ``Retry-After``."""
+        if (hit := self._fresh(scope, min_remaining, unless=seen)) is not None:
+            return hit.value
+        form = {"grant_type": "client_credentials", "scope": scope}
+        wait = 0.0
+        for attempt in range(self._max_retries + 1):
+            try:
+                response = yield wait, form
+            except httpx.HTTPError as exc:
+                raise TokenRequestError(f"token endpoint unreachable: {exc}") from exc
+            if (retry_wait := self._retry_wait(response, attempt)) is None:
+                break
+            wait = retry_wait
+        self._tokens[scope] = token = self._parse(response)
+        return token.value
 
-    def _token_request(self, scope: str) -> dict[str, Any]:
-        return {
-            "url": self._token_url,
-            "data": {"grant_type": "client_credentials", "scope": scope},
-            "headers": {"Authorization": self._basic, "Accept": "application/json"},
-        }
+    def _run(self, flow: _Flow) -> str:
+        try:
+            wait, form = next(flow)  # one fetched meanwhile ends the flow here, before any client
+            with httpx.Client(timeout=self._timeout) as http:
+                while True:
+                    time.sleep(wait)
+                    self.requests_made += 1
+                    try:
+                        response = http.post(self._url, data=form, headers=self._headers)
+                        wait, form = flow.send(response)
+                    except httpx.HTTPError as exc:
+                        wait, form = flow.throw(exc)
+        except StopIteration as done:
+            return cast(str, done.value)
 
-    def _fetch_sync(self, scope: str) -> _Token:
-        with httpx.Client(timeout=self._timeout) as http:
-            for attempt in range(self._max_retries + 1):
-                self.requests_made += 1
-                try:
-                    response = http.post(**self._token_request(scope))
-                except httpx.HTTPError as exc:
-                    raise TokenRequestError(f"token endpoint unreachable: {exc}") from exc
-                wait = self._retry_wait(response, attempt)
-                if wait is None:
-                    return self._parse(response)
-                time.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _arun(self, flow: _Flow) -> str:
+        try:
+            wait, form = next(flow)
+            async with httpx.AsyncClient(timeout=self._timeout) as http:
+                while True:
+                    await asyncio.sleep(wait)
+                    self.requests_made += 1
+                    try:
+                        response = await http.post(self._url, data=form, headers=self._headers)
+                        wait, form = flow.send(response)
+                    except httpx.HTTPError as exc:
+                        wait, form = flow.throw(exc)
+        except StopIteration as done:
+            return cast(str, done.value)
 
-    async def _fetch_async(self, scope: str) -> _Token:
-        async with httpx.AsyncClient(timeout=self._timeout) as http:
-            for attempt in range(self._max_retries + 1):
-                self.requests_made += 1
-                try:
-                    response = await http.post(**self._token_request(scope))
-                except httpx.HTTPError as exc:
-                    raise TokenRequestError(f"token endpoint unreachable: {exc}") from exc
-                wait = self._retry_wait(response, attempt)
-                if wait is None:
-                    return self._parse(response)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+    # The token endpoint's answers
 
     def _retry_wait(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying, or None when this response is final."""
@@ -210,14 +211,13 @@ class ClientCredentials(httpx.Auth):
         try:
             body = response.json()
         except ValueError:
+            body = None
+        if not isinstance(body, dict):
             body = {}
-        if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
-            error = body.get("error") if isinstance(body, dict) else None
-            description = body.get("error_description", "") if isinstance(body, dict) else ""
+        if response.status_code != 200 or "access_token" not in body:
+            error, description = body.get("error"), body.get("error_description", "")
             message = f"token request refused: HTTP {response.status_code} {error or ''}"
             raise TokenRequestError(
-                f"{message} {description}".strip(),
-                status_code=response.status_code,
-                error=error,
+                f"{message} {description}".strip(), status_code=response.status_code, error=error
             )
         return _Token(str(body["access_token"]), time.monotonic() + float(body["expires_in"]))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import re
@@ -39,10 +40,10 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import quote_plus
 
 import httpx
@@ -181,6 +182,62 @@ class _Answers:
                 self._entries.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class _Fetch:
+    """A step of a flow (see _Flow): fetch ``request``. The result is the status and, for a
+    200, the body: at most ``limit`` bytes, all of it by ``deadline`` (monotonic)."""
+
+    request: httpx.Request
+    limit: int
+    deadline: float
+
+    def remaining(self) -> float:
+        """Seconds left for the fetch; TimeoutError when none are."""
+        if (left := self.deadline - time.monotonic()) <= 0:
+            raise TimeoutError
+        return left
+
+    def wants_body(self, response: httpx.Response) -> bool:
+        """Whether to read the body: a 200's only, refused before it is read if it says it is
+        too large or is compressed (a small compressed body can inflate to anything)."""
+        if response.status_code != 200:
+            return False
+        if response.headers.get("content-encoding", "identity").lower() != "identity":
+            raise _FetchFailed("the answer is content-encoded")
+        try:
+            too_large = int(response.headers.get("content-length", "0")) > self.limit
+        except ValueError:
+            too_large = True
+        if too_large:
+            raise _FetchFailed(f"the answer is larger than {self.limit} bytes")
+        return True
+
+    def add(self, body: bytearray, chunk: bytes) -> None:
+        """Add ``chunk`` to ``body``; refused past ``limit`` bytes or past ``deadline``."""
+        body += chunk
+        if len(body) > self.limit:
+            raise _FetchFailed(f"the answer is larger than {self.limit} bytes")
+        if time.monotonic() > self.deadline:
+            raise _FetchFailed("the answer is too slow")
+
+
+@dataclass(frozen=True)
+class _Locked:
+    """A step of a flow: run ``flow`` holding the JWKS lock (callers who waited for it then use
+    the key set it fetched). The result is the flow's; TimeoutError if the lock stays taken."""
+
+    flow: _Flow[str | None]
+
+
+# verify and averify are written once, as generators that do no I/O (flows, like httpx's
+# Auth.auth_flow): a flow yields each step it needs taken and is sent its result, or has the
+# exception that stopped it thrown in (a cancellation too), so that every decision is the
+# flow's. The sync and the async driver (_run, _arun) only take the steps.
+T = TypeVar("T")
+_Step = _Fetch | _Locked
+_Flow = Generator[_Step, Any, T]
+
+
 class TokenVerifier:
     """``verify`` and ``averify`` return the checked token, raise :class:`InvalidToken` for a
     token to refuse (401), and :class:`VerificationUnavailable` when it cannot be checked now
@@ -224,32 +281,32 @@ class TokenVerifier:
         self._last_fetch_attempt = float("-inf")
         self._fetch_error: str | None = None  # why the last JWKS fetch failed, if it did
         self._lock = threading.Lock()
-        self._async_lock: asyncio.Lock | None = None
+        self._async_lock = asyncio.Lock()  # bound to an event loop on first contention
         self._workers = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="leanauth-verify")
         self._tls: ssl.SSLContext | None = None
         self._tls_lock = threading.Lock()
 
-    # Public API
+    # Public API: one flow, two drivers
 
     def verify(self, token: str) -> VerifiedToken:
-        header = self._header(token)
-        key = self._fresh_key(header["kid"])
-        if key is None:
-            key = self._key_after_refresh(header["kid"], self._refresh_sync(header["kid"]))
-        verified = self._check(token, header, key)
-        if self._introspection is not None:
-            self._require_active_sync(self._introspection, token, verified)
-        return verified
+        return self._run(self._verify(token))
 
     async def averify(self, token: str) -> VerifiedToken:
+        return await self._arun(self._verify(token))
+
+    def _verify(self, token: str) -> _Flow[VerifiedToken]:
         header = self._header(token)
-        key = self._fresh_key(header["kid"])
+        kid = header["kid"]
+        key = None if self._stale() else self._keys.keys.get(kid)
         if key is None:
-            failure = await self._refresh_async(header["kid"])
-            key = self._key_after_refresh(header["kid"], failure)
+            try:
+                failure = yield _Locked(self._refresh(kid, self._deadline()))
+            except TimeoutError:  # waiting for the lock
+                failure = "another fetch of the JWKS is taking too long"
+            key = self._key_after_refresh(kid, failure)
         verified = self._check(token, header, key)
         if self._introspection is not None:
-            await self._require_active_async(self._introspection, token, verified)
+            yield from self._introspect(self._introspection, token, verified)
         return verified
 
     # Steps
@@ -282,10 +339,6 @@ class TokenVerifier:
 
     def _stale(self) -> bool:
         return self._age() > self._max_age
-
-    def _fresh_key(self, kid: str) -> tuple[str, Any] | None:
-        """The key named ``kid`` in a key set that needs no refresh, else None."""
-        return self._keys.keys.get(kid) if not self._stale() else None
 
     def _key_after_refresh(self, kid: str, failure: str | None) -> tuple[str, Any]:
         """The key named ``kid`` once a refresh was tried (or was not due). While the JWKS
@@ -343,60 +396,23 @@ class TokenVerifier:
         self._last_fetch_attempt = now
         return True
 
-    def _jwks_request(self) -> httpx.Request:
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
-        return httpx.Request("GET", self.jwks_url, headers=headers)
-
-    def _refresh_sync(self, kid: str) -> str | None:
-        """Refresh the key set if due; why that failed, if it did."""
-        deadline = self._deadline()
-        if not self._lock.acquire(timeout=self._timeout):
-            return "another fetch of the JWKS is taking too long"
-        try:
-            if not self._should_fetch(kid):
-                return None
-            try:
-                self._keys = self._parse_jwks(
-                    *self._fetch_sync(self._jwks_request(), MAX_JWKS_BYTES, deadline)
-                )
-            except _FetchFailed as exc:
-                self._fetch_error = exc.reason
-                return exc.reason
-            except BaseException:
-                self._fetch_error = INTERRUPTED
-                raise
-            self._fetch_error = None
+    def _refresh(self, kid: str, deadline: float) -> _Flow[str | None]:
+        """Refresh the key set if due (run holding the lock); why that failed, if it did."""
+        if not self._should_fetch(kid):
             return None
-        finally:
-            self._lock.release()
-
-    async def _refresh_async(self, kid: str) -> str | None:
-        """Refresh the key set if due; why that failed, if it did."""
-        deadline = self._deadline()
-        if self._async_lock is None:
-            self._async_lock = asyncio.Lock()
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._async_lock.acquire()
-        except TimeoutError:
-            return "another fetch of the JWKS is taking too long"
-        try:
-            if not self._should_fetch(kid):
-                return None
-            try:
-                self._keys = self._parse_jwks(
-                    *await self._fetch_async(self._jwks_request(), MAX_JWKS_BYTES, deadline)
-                )
-            except _FetchFailed as exc:
-                self._fetch_error = exc.reason
-                return exc.reason
-            except BaseException:  # cancelled, say: the next fetch is an interval away
-                self._fetch_error = INTERRUPTED
-                raise
-            self._fetch_error = None
-            return None
-        finally:
-            self._async_lock.release()
+            headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+            request = httpx.Request("GET", self.jwks_url, headers=headers)
+            status, body = yield from self._fetched(request, MAX_JWKS_BYTES, deadline)
+            self._keys = self._parse_jwks(status, body)
+        except _FetchFailed as exc:
+            self._fetch_error = exc.reason
+            return exc.reason
+        except BaseException:  # cancelled, say: the next fetch is an interval away
+            self._fetch_error = INTERRUPTED
+            raise
+        self._fetch_error = None
+        return None
 
     def _parse_jwks(self, status: int, body: bytes) -> _KeySet:
         if status != 200:
@@ -424,31 +440,20 @@ class TokenVerifier:
 
     # Introspection
 
-    def _require_active_sync(
+    def _introspect(
         self, introspection: Introspection, token: str, verified: VerifiedToken
-    ) -> None:
+    ) -> _Flow[None]:
         active = self._answers.get(verified.jti)
         if active is None:
             request = _introspection_request(introspection, token)
             try:
-                answer = self._fetch_sync(request, MAX_INTROSPECTION_BYTES, self._deadline())
-                active = self._remember(introspection, verified, *answer)
+                status, body = yield from self._fetched(request, MAX_INTROSPECTION_BYTES)
+                active = self._remember(introspection, verified, status, body)
             except _FetchFailed as exc:
-                raise _introspection_unavailable(exc) from None
-        _require_active(active)
-
-    async def _require_active_async(
-        self, introspection: Introspection, token: str, verified: VerifiedToken
-    ) -> None:
-        active = self._answers.get(verified.jti)
-        if active is None:
-            request = _introspection_request(introspection, token)
-            try:
-                answer = await self._fetch_async(request, MAX_INTROSPECTION_BYTES, self._deadline())
-                active = self._remember(introspection, verified, *answer)
-            except _FetchFailed as exc:
-                raise _introspection_unavailable(exc) from None
-        _require_active(active)
+                reason = f"introspection unavailable: {exc.reason}"
+                raise VerificationUnavailable(reason, INTROSPECTION_RETRY_AFTER) from None
+        if not active:
+            raise InvalidToken("the token is not active (revoked, say)")
 
     def _remember(
         self, introspection: Introspection, verified: VerifiedToken, status: int, body: bytes
@@ -466,6 +471,20 @@ class TokenVerifier:
 
     # Fetching, bounded in bytes and in time
 
+    def _fetched(
+        self, request: httpx.Request, limit: int, deadline: float | None = None
+    ) -> _Flow[tuple[int, bytes]]:
+        """The status of ``request`` and, for a 200, its body (see _Fetch), by ``deadline``
+        (by default ``timeout`` from now); any failure is a _FetchFailed."""
+        deadline = self._deadline() if deadline is None else deadline
+        try:
+            answer: tuple[int, bytes] = yield _Fetch(request, limit, deadline)
+        except TimeoutError:
+            raise _FetchFailed(f"no answer within {self._timeout:g} s") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _FetchFailed(f"unreachable ({type(exc).__name__}: {exc})") from None
+        return answer
+
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
 
@@ -476,95 +495,91 @@ class TokenVerifier:
                 self._tls = httpx.create_ssl_context()
             return self._tls
 
-    def _fetch_sync(self, request: httpx.Request, limit: int, deadline: float) -> tuple[int, bytes]:
-        """The status and body of ``request``, run in a worker thread and waited for until
-        ``deadline``: httpx's timeouts bound each read, not the fetch, so a server that drips
-        a byte at a time could hold a caller for ever. Abandoned, the fetch ends at its next
-        chunk past the deadline, or once its connection is closed under it."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _FetchFailed(f"no answer within {self._timeout:g} s")
+    # The drivers: they take each step of a flow, blocking or on the event loop
+
+    def _run(self, flow: _Flow[T]) -> T:
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    result = self._take(step)
+                except BaseException as exc:  # the flow's to judge
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as done:
+            return cast(T, done.value)
+
+    def _take(self, step: _Step) -> Any:
+        if isinstance(step, _Fetch):
+            return self._fetch(step)
+        if not self._lock.acquire(timeout=self._timeout):
+            raise TimeoutError
+        try:
+            return self._run(step.flow)
+        finally:
+            self._lock.release()
+
+    def _fetch(self, fetch: _Fetch) -> tuple[int, bytes]:
+        """Take ``fetch`` in a worker thread, waited for until its deadline: httpx's timeouts
+        bound each read, not the fetch, so a server that drips a byte at a time could hold a
+        caller for ever. Abandoned, the fetch ends at its next chunk past the deadline, or
+        once its connection is closed under it."""
+        remaining = fetch.remaining()
         client = httpx.Client(timeout=remaining, verify=self._tls_context())
-        future = self._workers.submit(_read_sync, client, request, limit, deadline)
+        future = self._workers.submit(_read, client, fetch)
         try:
             return future.result(timeout=remaining)
         except TimeoutError:
             future.cancel()
             client.close()
-            raise _FetchFailed(f"no answer within {self._timeout:g} s") from None
+            raise
 
-    async def _fetch_async(
-        self, request: httpx.Request, limit: int, deadline: float
-    ) -> tuple[int, bytes]:
-        """The status and body of ``request``, all of it by ``deadline``."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _FetchFailed(f"no answer within {self._timeout:g} s")
-        tls = self._tls_context()
+    async def _arun(self, flow: _Flow[T]) -> T:
         try:
-            async with (
-                asyncio.timeout(remaining),
-                httpx.AsyncClient(timeout=remaining, verify=tls) as client,
-            ):
-                response = await client.send(request, stream=True)
+            step = next(flow)
+            while True:
                 try:
-                    if response.status_code != 200:
-                        return response.status_code, b""
-                    _check_head(response, limit)
-                    body = bytearray()
-                    async for chunk in response.aiter_raw():
-                        body += chunk
-                        _check_progress(body, limit)
-                    return 200, bytes(body)
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise _FetchFailed(f"no answer within {self._timeout:g} s") from None
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise _FetchFailed(_unreachable(exc)) from None
+                    result = await self._atake(step)
+                except BaseException as exc:  # the flow's to judge, a cancellation too
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as done:
+            return cast(T, done.value)
+
+    async def _atake(self, step: _Step) -> Any:
+        if isinstance(step, _Fetch):
+            return await self._afetch(step)
+        async with asyncio.timeout(self._timeout):
+            await self._async_lock.acquire()
+        try:
+            return await self._arun(step.flow)
+        finally:
+            self._async_lock.release()
+
+    async def _afetch(self, fetch: _Fetch) -> tuple[int, bytes]:
+        remaining = fetch.remaining()
+        async with (
+            asyncio.timeout(remaining),
+            httpx.AsyncClient(timeout=remaining, verify=self._tls_context()) as client,
+            contextlib.aclosing(await client.send(fetch.request, stream=True)) as response,
+        ):
+            body = bytearray()
+            if fetch.wants_body(response):
+                async for chunk in response.aiter_raw():
+                    fetch.add(body, chunk)
+            return response.status_code, bytes(body)
 
 
-def _read_sync(
-    client: httpx.Client, request: httpx.Request, limit: int, deadline: float
-) -> tuple[int, bytes]:
-    """The status of ``request`` and, for a 200, its body: at most ``limit`` bytes, read by
-    ``deadline`` (checked between chunks; the caller stops waiting then in any case)."""
-    try:
-        with client:
-            response = client.send(request, stream=True)
-            try:
-                if response.status_code != 200:
-                    return response.status_code, b""
-                _check_head(response, limit)
-                body = bytearray()
-                for chunk in response.iter_raw():
-                    body += chunk
-                    _check_progress(body, limit)
-                    if time.monotonic() > deadline:
-                        raise _FetchFailed("the answer is too slow")
-                return 200, bytes(body)
-            finally:
-                response.close()
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise _FetchFailed(_unreachable(exc)) from None
-
-
-def _check_head(response: httpx.Response, limit: int) -> None:
-    """Refuse, before reading it, a body that says it is too large, or that is compressed
-    (a small compressed body can inflate to anything)."""
-    if response.headers.get("content-encoding", "identity").lower() != "identity":
-        raise _FetchFailed("the answer is content-encoded")
-    try:
-        too_large = int(response.headers.get("content-length", "0")) > limit
-    except ValueError:
-        too_large = True
-    if too_large:
-        raise _FetchFailed(f"the answer is larger than {limit} bytes")
-
-
-def _check_progress(body: bytearray, limit: int) -> None:
-    if len(body) > limit:
-        raise _FetchFailed(f"the answer is larger than {limit} bytes")
+def _read(client: httpx.Client, fetch: _Fetch) -> tuple[int, bytes]:
+    """Take ``fetch`` with ``client``, in a worker thread (see TokenVerifier._fetch)."""
+    with client, contextlib.closing(client.send(fetch.request, stream=True)) as response:
+        body = bytearray()
+        if fetch.wants_body(response):
+            for chunk in response.iter_raw():
+                fetch.add(body, chunk)
+        return response.status_code, bytes(body)
 
 
 def _introspection_request(introspection: Introspection, token: str) -> httpx.Request:
@@ -577,10 +592,6 @@ def _introspection_request(introspection: Introspection, token: str) -> httpx.Re
     }
     form = {"token": token, "token_type_hint": "access_token"}
     return httpx.Request("POST", introspection.url, data=form, headers=headers)
-
-
-def _unreachable(exc: Exception) -> str:
-    return f"unreachable ({type(exc).__name__}: {exc})"
 
 
 def _activity(status: int, body: bytes) -> bool:
@@ -600,17 +611,6 @@ def _activity(status: int, body: bytes) -> bool:
     if not isinstance(active, bool):
         raise _FetchFailed("the introspection answer has no boolean active member")
     return active
-
-
-def _require_active(active: bool) -> None:
-    if not active:
-        raise InvalidToken("the token is not active (revoked, say)")
-
-
-def _introspection_unavailable(exc: _FetchFailed) -> VerificationUnavailable:
-    return VerificationUnavailable(
-        f"introspection unavailable: {exc.reason}", INTROSPECTION_RETRY_AFTER
-    )
 
 
 def verified_from_claims(claims: dict[str, Any]) -> VerifiedToken:
