@@ -28,7 +28,7 @@ from conftest import (
     wait_for,
 )
 from leanauth.clock import ClockCheck
-from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY
+from leanauth.owntokens import TOKEN_TIME_LEEWAY
 
 AHEAD = re.compile(r"this node's clock is (\d+\.\d)s ahead of the database's")
 

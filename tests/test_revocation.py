@@ -47,9 +47,9 @@ from conftest import (
     wait_until_known,
 )
 from leanauth.bootstrap import open_runtime
-from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY
 from leanauth.jose import PrivateKey
 from leanauth.keys import schedule
+from leanauth.owntokens import TOKEN_TIME_LEEWAY
 from leanauth.settings import Settings
 
 # One issuer for every node of an installation (by default each names its own port).

@@ -17,11 +17,12 @@ from leanauth.clock import CHECK_INTERVAL, ClockCheck
 from leanauth.endpoints.customers import customers_routes
 from leanauth.endpoints.discovery import discovery_routes
 from leanauth.endpoints.health import WATCHDOG_INTERVAL, Watchdog, health_routes
-from leanauth.endpoints.oauth import TOKEN_TIME_LEEWAY, oauth_routes
+from leanauth.endpoints.oauth import oauth_routes
 from leanauth.endpoints.prometheus import metrics_routes
 from leanauth.endpoints.token import TOKEN_PATH, TokenEndpoint
 from leanauth.housekeeping import Housekeeper
 from leanauth.logs import configure_logging
+from leanauth.owntokens import TOKEN_TIME_LEEWAY
 from leanauth.requestid import RequestIds
 from leanauth.services import (
     AUDIT_PRUNE_INTERVAL,

@@ -15,6 +15,7 @@ from leanauth.clientauth import ClientAuthenticator
 from leanauth.credentials import SecretUse
 from leanauth.journal import Journal, JournalUnavailable, database_tag, ensure_folder
 from leanauth.notify import listener_for
+from leanauth.owntokens import OwnTokens
 from leanauth.quotas import UsageCounter
 from leanauth.scopes import ScopeClass
 from leanauth.settings import Settings, SettingsError
@@ -41,6 +42,7 @@ class Services:
     audit: AuditTrail
     source_address: SourceAddress
     clients: ClientAuthenticator
+    own_tokens: OwnTokens
     secret_use: SecretUse = field(default_factory=SecretUse)
 
     @classmethod
@@ -63,10 +65,11 @@ class Services:
             "api": settings.api_audience,
             "customer": settings.customer_audience,
         }
+        issuer = TokenIssuer(settings.issuer, audiences, settings.token_ttl)
         return cls(
             runtime=runtime,
             cache=cache,
-            issuer=TokenIssuer(settings.issuer, audiences, settings.token_ttl),
+            issuer=issuer,
             throttle=throttle,
             usage=UsageCounter(runtime.store),
             audit=AuditTrail(
@@ -77,6 +80,7 @@ class Services:
             ),
             source_address=SourceAddress(settings.trusted_proxies),
             clients=ClientAuthenticator(cache, runtime.hasher, throttle),
+            own_tokens=OwnTokens(cache, settings.issuer, issuer),
         )
 
     def flush(self, final: bool = False) -> None:

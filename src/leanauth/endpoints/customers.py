@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from leanauth import registry
-from leanauth.endpoints.oauth import current_claims, decode_own_token
 from leanauth.resource import BearerError, bearer_token
 from leanauth.safetext import has_control_characters
 from leanauth.services import Services
@@ -57,7 +56,10 @@ def customer_body(customer: Customer) -> dict[str, Any]:
 
 class CustomersApi:
     def __init__(self, services: Services) -> None:
-        self._services = services
+        self._runtime = services.runtime
+        self._store = services.runtime.store
+        self._cache = services.cache
+        self._tokens = services.own_tokens
         settings = services.runtime.settings
         self._audiences = {settings.api_audience, settings.customer_audience}
 
@@ -65,14 +67,14 @@ class CustomersApi:
         """A store call on the requests' own threads, waited for at most
         LEANAUTH_DB_REQUEST_TIMEOUT seconds (then :class:`StoreTimeout`, a StoreError). A
         create given up on may still commit afterwards: retried, it answers 409."""
-        return await self._services.cache.store_calls.run(call, *args, **kwargs)
+        return await self._cache.store_calls.run(call, *args, **kwargs)
 
     def _token(self, request: Request) -> VerifiedToken:
         """This server's own check of a bearer token: signature, expiry, audience, revocation."""
-        claims = decode_own_token(self._services, bearer_token(request), check_expiry=True)
+        claims = self._tokens.decode(bearer_token(request), check_expiry=True)
         if claims is None or claims.get("aud") not in self._audiences:
             raise BearerError(401, "invalid_token", "The access token is invalid.")
-        if current_claims(self._services, claims) is None:
+        if self._tokens.current(claims) is None:
             raise BearerError(401, "invalid_token", "The access token was revoked.")
         return verified_from_claims(claims)
 
@@ -89,13 +91,13 @@ class CustomersApi:
             return app_user_id
         try:
             customer = await self._ask_store(
-                registry.create_customer, self._services.runtime, token.client_id, app_user_id
+                registry.create_customer, self._runtime, token.client_id, app_user_id
             )
         except AlreadyExists:
             return lean_error(
                 409, "CUSTOMER_ALREADY_EXISTS", "A customer with this app_user_id exists."
             )
-        self._services.cache.customer_added(customer)
+        self._cache.customer_added(customer)
         return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})
 
     async def read(self, request: Request) -> Response:
@@ -111,7 +113,7 @@ class CustomersApi:
                 "The token is for another customer.",
                 f"customer.{customer_id}",
             )
-        customer = await self._ask_store(self._services.runtime.store.get_customer, customer_id)
+        customer = await self._ask_store(self._store.get_customer, customer_id)
         # Another app's customer is as unknown as a customer that does not exist.
         if customer is None or customer.client_id != token.client_id:
             return lean_error(404, "CUSTOMER_NOT_FOUND", "No such customer.")
@@ -127,8 +129,7 @@ class CustomersApi:
             return lean_error(400, "INVALID_PARAMETERS", "size is a number; after a customer id.")
         if not 1 <= size <= MAX_PAGE:
             return lean_error(400, "INVALID_PARAMETERS", f"size must be 1 to {MAX_PAGE}.")
-        store = self._services.runtime.store
-        page = await self._ask_store(store.list_customers, token.client_id, size + 1, after)
+        page = await self._ask_store(self._store.list_customers, token.client_id, size + 1, after)
         data = [customer_body(c) for c in page[:size]]
         following = page[size - 1].customer_id if len(page) > size else None
         return JSONResponse(
