@@ -449,6 +449,31 @@ def test_a_blocked_address_on_one_node_is_blocked_on_the_other(
         assert_token(attempt(node, app.client_id, app.client_secret, source=source))
 
 
+def test_an_installation_on_another_redis_database_hears_no_block(
+    redis_nodes: tuple[Env, list[Server]], redis_url: str, tmp_path: Path
+) -> None:
+    """Blocks and change notifications travel on pub/sub channels, which Redis shares across
+    its databases: an installation on another database of the same server must not take
+    this one's blocks."""
+    _, (node_a, _) = redis_nodes
+    base, database = redis_url.rsplit("/", 1)
+    elsewhere_url = f"{base}/{int(database) - 1}"
+    other = Env(tmp_path, extra={**LIMITS, "LEANAUTH_REDIS_URL": elsewhere_url})
+    with serving(other) as node_c:
+        app = create_app(other, "--name", "Elsewhere", "--scopes", "api")
+        wait_known(node_c, app)
+        source = fresh_address()
+        for _ in range(ADDRESS_LIMIT + 2):
+            response = attempt(node_a, str(uuid.uuid4()), WRONG_SECRET, source=source)
+            if response.status_code == 429:
+                break
+        assert_throttled(response)
+        # Node A's installation hears its own block at once (the test above); node C never.
+        time.sleep(1.0)
+        assert not node_has_blocked(node_c, None, source)
+        assert_invalid_client(attempt(node_c, app.client_id, WRONG_SECRET, source=source))
+
+
 def test_an_unreachable_redis_leaves_the_local_count_in_charge(tmp_path: Path) -> None:
     """With Redis down the cluster-wide count is lost for a while, never the limit: each
     process still counts failures itself (it used to fail open)."""

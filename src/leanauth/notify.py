@@ -135,6 +135,17 @@ class PostgresListener(_ListenerThread):
                     heard = time.monotonic()
 
 
+def redis_channel(url: str, name: str) -> str:
+    """The pub/sub channel ``name`` of the installation on Redis database ``url``. Keys live
+    in one of Redis's numbered databases but channels are server-wide: two installations
+    sharing a Redis server, each on a database of its own, would otherwise hear each other's
+    blocks and changes. Database 0 keeps the bare name."""
+    from redis.connection import parse_url  # noqa: PLC0415 (see REDIS_IMPORTED)
+
+    database = int(parse_url(url).get("db", 0))  # type: ignore[no-untyped-call]
+    return name if database == 0 else f"{name}:{database}"
+
+
 class RedisSubscriber(_ListenerThread):
     """Calls ``on_message(payload)`` for each message on a Redis pub/sub channel."""
 
@@ -184,7 +195,7 @@ class RedisListener(RedisSubscriber):
     name = "redis-listener"
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, NOTIFY_CHANNEL, lambda _: None)
+        super().__init__(url, redis_channel(url, NOTIFY_CHANNEL), lambda _: None)
 
     def start(self, wake: Callable[[], None]) -> None:
         self._on_message = lambda _: wake()
@@ -207,13 +218,14 @@ class RedisPublisher:
             url, socket_connect_timeout=self.TIMEOUT, socket_timeout=self.TIMEOUT
         )
         self._failures = (redis.RedisError, OSError)
+        self._channel = redis_channel(url, NOTIFY_CHANNEL)
         self._down_until = 0.0
 
     def __call__(self, kind: str) -> None:
         if time.monotonic() < self._down_until:
             return
         try:
-            self._client.publish(NOTIFY_CHANNEL, kind)
+            self._client.publish(self._channel, kind)
         except self._failures as exc:
             self._down_until = time.monotonic() + self.RETRY_AFTER
             log.warning("could not publish a change notification: %s", type(exc).__name__)

@@ -38,7 +38,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from leanauth import metrics
 from leanauth.errors import TooManyRequests
-from leanauth.notify import RedisSubscriber
+from leanauth.notify import RedisSubscriber, redis_channel
 
 log = logging.getLogger("leanauth.throttle")
 
@@ -157,7 +157,8 @@ class SharedCounter:
         }
         self._limiter = FixedWindowRateLimiter(storage_from_string(url, **options))
         self._publisher = redis.Redis.from_url(url, **options)
-        self._subscriber = RedisSubscriber(url, BLOCKS_CHANNEL, self._on_block)
+        self._channel = redis_channel(url, BLOCKS_CHANNEL)
+        self._subscriber = RedisSubscriber(url, self._channel, self._on_block)
         self._pending: queue.Queue[Hits | None] = queue.Queue(MAX_PENDING)
         self._down_until = 0.0
         self._thread = threading.Thread(target=self._run, name="leanauth-throttle", daemon=True)
@@ -201,7 +202,7 @@ class SharedCounter:
             # blocked already on its own count, the others have not).
             until = self._limiter.get_window_stats(limit, *key).reset_time
             self._throttle.block(key, until)
-            self._publisher.publish(BLOCKS_CHANNEL, orjson.dumps([list(key), until]))
+            self._publisher.publish(self._channel, orjson.dumps([list(key), until]))
 
     def _on_block(self, payload: bytes) -> None:
         try:
