@@ -45,6 +45,9 @@ BAD_VALUES = [
     ("LEANAUTH_REFRESH_INTERVAL", "-1"),
     ("LEANAUTH_REFRESH_INTERVAL", "soon"),
     ("LEANAUTH_JWKS_MAX_AGE", "-1"),
+    # An admin token must never pass for an api or customer token.
+    ("LEANAUTH_ADMIN_AUDIENCE", "urn:leanauth:api"),
+    ("LEANAUTH_ADMIN_AUDIENCE", "urn:leanauth:link"),
 ]
 
 

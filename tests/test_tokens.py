@@ -21,11 +21,13 @@ from conftest import (
     request_token,
     served_kids,
     start_server,
+    wait_for,
     wait_until_known,
 )
 
 API_AUDIENCE = "urn:leanauth:api"
 CUSTOMER_AUDIENCE = "urn:leanauth:link"
+ADMIN_AUDIENCE = "urn:leanauth:admin"
 REQUIRED_CLAIMS = [
     "iss",
     "sub",
@@ -127,6 +129,32 @@ def test_upper_case_customer_scope_gives_lower_case_claims(
     issued = issue(server, jwks_client, app, f"customer.{customer_id.upper()}", CUSTOMER_AUDIENCE)
     assert issued.claims["scope"] == f"customer.{customer_id.lower()}"
     assert issued.claims["customers"] == [{"id": customer_id.lower()}]
+
+
+def test_admin_tokens_only_for_apps_given_the_admin_class(
+    env: Env, server: Server, app: AppCredentials, jwks_client: jwt.PyJWKClient
+) -> None:
+    admin = create_app(env, "--name", "Operators", "--scopes", "admin")
+    wait_for(lambda: request_token(server, admin, "admin").status_code == 200)
+    issued = issue(server, jwks_client, admin, "admin", ADMIN_AUDIENCE)
+    assert issued.claims["scope"] == "admin" == issued.response["scope"]
+    assert issued.claims["client_id"] == admin.client_id
+    # An app not given the class is refused, and an admin app gets no other class.
+    refused = request_token(server, app, "admin")
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_scope"
+    assert request_token(server, admin, "api").json()["error"] == "invalid_scope"
+    # Its audience is its own: no resource server for api tokens takes it.
+    key = jwks_client.get_signing_key_from_jwt(issued.response["access_token"])
+    for other in (API_AUDIENCE, CUSTOMER_AUDIENCE):
+        with pytest.raises(jwt.InvalidAudienceError):
+            jwt.decode(
+                issued.response["access_token"],
+                key,
+                algorithms=["ES256"],
+                audience=other,
+                issuer=server.url,
+            )
 
 
 @pytest.mark.parametrize(

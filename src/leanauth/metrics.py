@@ -276,9 +276,10 @@ def endpoint_of(path: str) -> str:
 
 
 def scope_class(scope: str | None) -> str:
-    """The class of a requested scope's text, never the text: api, customer or other."""
-    if scope == "api":
-        return "api"
+    """The class of a requested scope's text, never the text: api, customer, admin or
+    other."""
+    if scope in ("api", "admin"):
+        return scope
     if scope is not None and scope.startswith("customer."):
         return "customer"
     return "other"

@@ -1,8 +1,9 @@
 """The scope grammar of the Lean Authentication API.
 
-Exactly one scope per request: ``api`` (a token for an app's backend) or
+Exactly one scope per request: ``api`` (a token for an app's backend),
 ``customer.<customer_id>`` (a token the LinkSDK uses for one end-user), where the id is a
-UUID. RFC 6749 §3.3 makes ``scope`` a space-delimited list; more than one is refused here.
+UUID, or ``admin`` (a token for the administration API, to apps given that class). RFC
+6749 §3.3 makes ``scope`` a space-delimited list; more than one is refused here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-ScopeClass = Literal["api", "customer"]
-SCOPE_CLASSES: tuple[ScopeClass, ...] = ("api", "customer")
+ScopeClass = Literal["api", "customer", "admin"]
+SCOPE_CLASSES: tuple[ScopeClass, ...] = ("api", "customer", "admin")
 CUSTOMER_PREFIX = "customer."
 HYPHENATED_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -27,10 +28,13 @@ class RequestedScope:
     @property
     def value(self) -> str:
         """The granted scope string (customer ids in canonical lower-case form)."""
-        return "api" if self.customer_id is None else CUSTOMER_PREFIX + self.customer_id
+        if self.customer_id is None:
+            return self.scope_class
+        return CUSTOMER_PREFIX + self.customer_id
 
 
 API_SCOPE = RequestedScope("api")
+ADMIN_SCOPE = RequestedScope("admin")
 
 
 class ScopeError(ValueError):
@@ -43,10 +47,12 @@ def parse_scope(raw: str | None) -> RequestedScope:
         raise ScopeError("The scope parameter is required: 'api' or 'customer.<customer_id>'.")
     if raw == "api":
         return API_SCOPE
+    if raw == "admin":
+        return ADMIN_SCOPE
     if not raw.startswith(CUSTOMER_PREFIX):
         if any(c in raw for c in " \t\r\n"):
             raise ScopeError("Request exactly one scope.")
-        raise ScopeError("Unknown scope; use 'api' or 'customer.<customer_id>'.")
+        raise ScopeError("Unknown scope; use 'api', 'customer.<customer_id>' or 'admin'.")
     customer_id = raw[len(CUSTOMER_PREFIX) :].lower()
     # The hyphenated form only, in any letter case. A pattern and bytes.fromhex, not
     # uuid.UUID: this runs for every customer token, and the UUID object cost 4 µs of it

@@ -64,6 +64,7 @@ class Services:
         audiences: dict[ScopeClass, str] = {
             "api": settings.api_audience,
             "customer": settings.customer_audience,
+            "admin": settings.admin_audience,
         }
         issuer = TokenIssuer(settings.issuer, audiences, settings.token_ttl)
         return cls(

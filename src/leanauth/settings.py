@@ -70,6 +70,7 @@ class Settings:
     # ``customer.<id>`` tokens.
     api_audience: str = "urn:leanauth:api"
     customer_audience: str = "urn:leanauth:link"
+    admin_audience: str = "urn:leanauth:admin"
     # LEANAUTH_KEY_ENCRYPTION_KEY: 32 bytes, base64 or base64url, that encrypt signing keys
     # at rest and key the client-secret hashes. When unset, LEANAUTH_KEY_ENCRYPTION_KEY_FILE
     # (default: ``leanauth.kek`` beside the SQLite database) is read, or created with mode 0600.
@@ -201,6 +202,7 @@ class Settings:
             token_ttl=reader.integer("TOKEN_TTL", cls.token_ttl, MIN_TOKEN_TTL, MAX_TOKEN_TTL),
             api_audience=reader.text("API_AUDIENCE", cls.api_audience),
             customer_audience=reader.text("CUSTOMER_AUDIENCE", cls.customer_audience),
+            admin_audience=reader.text("ADMIN_AUDIENCE", cls.admin_audience),
             key_encryption_key=reader.kek(),
             key_encryption_key_file=reader.path("KEY_ENCRYPTION_KEY_FILE"),
             refresh_interval=reader.number("REFRESH_INTERVAL", cls.refresh_interval, 0.05, 60),
@@ -245,6 +247,12 @@ class Settings:
                 "LEANAUTH_INTROSPECTION_MAX_STALENESS: must be at least twice "
                 f"LEANAUTH_REFRESH_INTERVAL ({settings.refresh_interval}), "
                 f"got {settings.introspection_max_staleness}"
+            )
+        if settings.admin_audience in (settings.api_audience, settings.customer_audience):
+            # An admin token must never pass for another class at a resource server.
+            raise SettingsError(
+                "LEANAUTH_ADMIN_AUDIENCE: must differ from LEANAUTH_API_AUDIENCE and "
+                "LEANAUTH_CUSTOMER_AUDIENCE"
             )
         if settings.metrics_port == settings.port:
             raise SettingsError(

@@ -6,14 +6,23 @@ import uuid
 
 import pytest
 
-from leanauth.scopes import API_SCOPE, ScopeError, parse_scope, parse_scope_classes
+from leanauth.scopes import ADMIN_SCOPE, API_SCOPE, ScopeError, parse_scope, parse_scope_classes
 
 CUSTOMER = "0b6f3c2e-8a4d-4f1e-9c7b-5d2a1e3f4b6c"
 
 REQUIRED = "The scope parameter is required: 'api' or 'customer.<customer_id>'."
 ONE_SCOPE = "Request exactly one scope."
-UNKNOWN = "Unknown scope; use 'api' or 'customer.<customer_id>'."
+UNKNOWN = "Unknown scope; use 'api', 'customer.<customer_id>' or 'admin'."
 NOT_A_UUID = "The customer id must be a UUID."
+
+
+def test_admin() -> None:
+    assert parse_scope("admin") is ADMIN_SCOPE
+    assert (ADMIN_SCOPE.scope_class, ADMIN_SCOPE.value, ADMIN_SCOPE.customer_id) == (
+        "admin",
+        "admin",
+        None,
+    )
 
 
 def test_api() -> None:
@@ -109,4 +118,4 @@ def test_scope_classes(text: str, expected: set[str]) -> None:
 def test_bad_scope_classes(text: str) -> None:
     with pytest.raises(ValueError, match="scope classes") as caught:
         parse_scope_classes(text)
-    assert str(caught.value) == f"scope classes are api, customer; got {text!r}"
+    assert str(caught.value) == f"scope classes are api, customer, admin; got {text!r}"

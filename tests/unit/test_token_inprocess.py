@@ -307,7 +307,7 @@ def test_every_failed_authentication_is_the_same_401(served: Served) -> None:
     ("scope", "description"),
     [
         (None, "The scope parameter is required: 'api' or 'customer.<customer_id>'."),
-        ("openid", "Unknown scope; use 'api' or 'customer.<customer_id>'."),
+        ("openid", "Unknown scope; use 'api', 'customer.<customer_id>' or 'admin'."),
         ("api openid", "Request exactly one scope."),
         ("customer.12345", "The customer id must be a UUID."),
         ("customer.00000000-0000-4000-8000-000000000000", "Unknown customer for this app."),
