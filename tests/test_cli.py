@@ -127,7 +127,7 @@ def test_secrets_are_unique(env: Env) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(["--name", "x", "--scopes", "api,admin"], id="unknown-scope-class"),
+        pytest.param(["--name", "x", "--scopes", "api,superuser"], id="unknown-scope-class"),
         pytest.param(["--name", "x", "--scopes", "openid"], id="only-unknown-scope-class"),
         pytest.param(["--name", "x", "--scopes", ""], id="no-scope-class"),
         pytest.param(["--name", "x", "--scopes", " , "], id="blank-scope-classes"),

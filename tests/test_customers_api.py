@@ -95,10 +95,12 @@ def customers(api_server: Server, owner_token: str) -> tuple[str, str]:
         return created_id(client, owner_token), created_id(client, owner_token)
 
 
-def assert_lean_error(response: httpx.Response, status_code: int, status: str) -> dict[str, Any]:
+def assert_lean_error(
+    response: httpx.Response, status_code: int, status: str, extra: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     assert response.status_code == status_code, response.text
     body = response.json()
-    assert set(body) == LEAN_ERROR_KEYS, body
+    assert set(body) == LEAN_ERROR_KEYS | extra, body
     assert body["status"] == status
     assert isinstance(body["message"], str)
     assert body["message"]
@@ -140,9 +142,12 @@ def test_new_customer_gets_a_customer_token_at_once(
 
 def test_duplicate_app_user_id_in_one_app_is_409(http: httpx.Client, owner_token: str) -> None:
     app_user_id = f"user-{uuid.uuid4()}"
-    assert create(http, owner_token, app_user_id).status_code == 201
+    first = create(http, owner_token, app_user_id)
+    assert first.status_code == 201
     response = create(http, owner_token, app_user_id)
-    assert_lean_error(response, 409, "CUSTOMER_ALREADY_EXISTS")
+    body = assert_lean_error(response, 409, "CUSTOMER_ALREADY_EXISTS", frozenset({"customer_id"}))
+    # The existing customer, so that the app can carry on with it.
+    assert body["customer_id"] == first.json()["customer_id"]
 
 
 def test_same_app_user_id_in_another_app_is_201(

@@ -83,7 +83,13 @@ def test_default_grace_keeps_both_secrets_working(
 ) -> None:
     old_id = fresh_app.raw["secret_id"]
     rotated = env.cli("apps", "rotate-secret", fresh_app.client_id)
-    assert set(rotated) == {"client_id", "client_secret", "secret_id", "old_secrets_expire_at"}
+    assert set(rotated) == {
+        "client_id",
+        "client_secret",
+        "secret_id",
+        "old_secrets_expire_at",
+        "old_secrets_expire_at_utc",
+    }
     assert rotated["client_id"] == fresh_app.client_id
     assert rotated["client_secret"].startswith("lsk_")
     assert rotated["client_secret"] != fresh_app.client_secret

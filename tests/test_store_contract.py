@@ -412,3 +412,69 @@ def test_old_audit_events_are_pruned(store: SqlStore) -> None:
     )
     assert store.prune_audit_events(25) == 2
     assert [e.at_ms for e in store.list_audit_events()] == [30]
+
+
+def test_find_customer_by_app_user_id(store: SqlStore) -> None:
+    app, _ = add_app(store, "One")
+    other, _ = add_app(store, "Two")
+    mine = Customer(str(uuid.uuid4()), app.client_id, "user-1", NOW)
+    theirs = Customer(str(uuid.uuid4()), other.client_id, "user-1", NOW)
+    store.create_customer(mine)
+    store.create_customer(theirs)
+    assert store.find_customer(app.client_id, "user-1") == mine
+    assert store.find_customer(other.client_id, "user-1") == theirs
+    # Exact: neither another case nor another app's id matches.
+    assert store.find_customer(app.client_id, "USER-1") is None
+    assert store.find_customer(app.client_id, "user-2") is None
+    assert store.find_customer(str(uuid.uuid4()), "user-1") is None
+
+
+def test_update_app_name_and_scopes(store: SqlStore) -> None:
+    app, _ = add_app(store)
+    before = store.latest_change_id()
+    updated = store.update_app(app.client_id, name="Renamed", scopes=frozenset({"customer"}))
+    assert updated.name == "Renamed"
+    assert updated.scopes == frozenset({"customer"})
+    assert store.get_app(app.client_id) == updated
+    assert store.update_app(app.client_id, token_ttl=900).scopes == frozenset({"customer"})
+    assert [(c.kind, c.entity_id) for c in store.changes_since(before)] == [
+        ("app", app.client_id),
+        ("app", app.client_id),
+    ]
+
+
+def test_delete_app_takes_its_rows_and_leaves_its_audit_trail(store: SqlStore) -> None:
+    app, first = add_app(store, "Doomed")
+    kept, kept_secret = add_app(store, "Kept")
+    store.rotate_secret(make_secret(app), NOW, NOW + 60, frozenset({first.secret_id}))
+    for client_id in (app.client_id, kept.client_id):
+        store.create_customer(Customer(str(uuid.uuid4()), client_id, "user-1", NOW))
+        store.revoke_token(RevokedToken(f"jti-{client_id}", client_id, NOW + 100, NOW))
+        store.add_usage({(client_id, "h:2027011500"): 2}, ["h:2027011500"])
+        store.add_audit_events([AuditEvent(NOW * 1000, "admin", "app.create", client_id)])
+    before = store.latest_change_id()
+
+    removed = store.delete_app(app.client_id)
+
+    assert removed == {"secrets": 2, "customers": 1, "revocations": 1, "usage_windows": 1}
+    assert store.get_app(app.client_id) is None
+    assert store.get_credentials(app.client_id, NOW) is None
+    assert store.list_secrets(app.client_id) == []
+    assert store.list_customers(app.client_id) == []
+    assert store.find_customer(app.client_id, "user-1") is None
+    assert store.get_revoked(f"jti-{app.client_id}") is None
+    assert store.usage(["h:2027011500"], app.client_id) == {}
+    # The audit trail keeps history.
+    assert [e.outcome for e in store.list_audit_events(app.client_id)] == ["app.create"]
+    # One change: every node drops the app.
+    assert [(c.kind, c.entity_id) for c in store.changes_since(before)] == [("app", app.client_id)]
+    # The other app is untouched.
+    assert [a.client_id for a in store.list_apps()] == [kept.client_id]
+    assert store.list_secrets(kept.client_id) == [kept_secret]
+    assert store.find_customer(kept.client_id, "user-1") is not None
+    assert store.get_revoked(f"jti-{kept.client_id}") is not None
+    assert store.usage(["h:2027011500"], kept.client_id) == {(kept.client_id, "h:2027011500"): 2}
+    assert dict(store.customer_members()).keys() == {kept.client_id}
+    with pytest.raises(NotFound):
+        store.delete_app(app.client_id)
+    assert len(store.changes_since(before)) == 1

@@ -23,7 +23,7 @@ from leanauth.keys import new_stored_key
 from leanauth.safetext import has_control_characters
 from leanauth.scopes import ScopeClass
 from leanauth.settings import MAX_TOKEN_TTL, MIN_TOKEN_TTL
-from leanauth.store.base import NotFound, StoreError
+from leanauth.store.base import AlreadyExists, AppChanges, NotFound, StoreError
 from leanauth.store.models import App, AuditEvent, ClientSecret, Customer, StoredKey
 
 log = logging.getLogger("leanauth.audit")
@@ -101,6 +101,8 @@ class NewCredentials:
     app: App
     client_secret: str
     secret_id: str
+    # A rotation's: when the secrets that were live before it stop working, at the latest.
+    old_secrets_expire_at: int | None = None
 
 
 def _issue_secret(runtime: Runtime, client_id: str, now: int) -> tuple[str, ClientSecret]:
@@ -119,15 +121,9 @@ def create_app(
     quota_hourly: int | None = None,
     quota_daily: int | None = None,
 ) -> NewCredentials:
-    name = name.strip()
-    if not name or len(name) > MAX_APP_NAME:
-        raise ValueError(f"the app name must have 1 to {MAX_APP_NAME} characters")
-    if has_control_characters(name):
-        raise ValueError("the app name must not contain control characters")
-    if token_ttl is not None and not MIN_TOKEN_TTL <= token_ttl <= MAX_TOKEN_TTL:
-        raise ValueError(f"the token lifetime must be {MIN_TOKEN_TTL} to {MAX_TOKEN_TTL} seconds")
-    if not scopes:
-        raise ValueError("an app needs at least one scope class")
+    name = _checked_name(name)
+    _check_token_ttl(token_ttl)
+    _check_scopes(scopes)
     check_quotas(quota_hourly, quota_daily)
     now = int(time.time())
     app = App(
@@ -138,6 +134,58 @@ def create_app(
         runtime.store.create_app(app, record)
         audit.add("app.create", app.client_id, name=name, secret_id=record.secret_id)
     return NewCredentials(app, plaintext, record.secret_id)
+
+
+def _checked_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_APP_NAME:
+        raise ValueError(f"the app name must have 1 to {MAX_APP_NAME} characters")
+    if has_control_characters(name):
+        raise ValueError("the app name must not contain control characters")
+    return name
+
+
+def _check_token_ttl(token_ttl: int | None) -> None:
+    if token_ttl is not None and not MIN_TOKEN_TTL <= token_ttl <= MAX_TOKEN_TTL:
+        raise ValueError(f"the token lifetime must be {MIN_TOKEN_TTL} to {MAX_TOKEN_TTL} seconds")
+
+
+def _check_scopes(scopes: frozenset[ScopeClass]) -> None:
+    if not scopes:
+        raise ValueError("an app needs at least one scope class")
+
+
+def update_app(runtime: Runtime, client_id: str, changes: AppChanges) -> App:
+    """Change some of an app's settings, checked as ``create_app`` checks them. Every node
+    applies the change when it reads the change feed: narrower scopes or another token
+    lifetime hold for the next token it issues (tokens issued before keep their own)."""
+    if not changes:
+        raise ValueError("nothing to change")
+    if "name" in changes:
+        changes = {**changes, "name": _checked_name(changes["name"])}
+    if "scopes" in changes:
+        _check_scopes(changes["scopes"])
+    _check_token_ttl(changes.get("token_ttl"))
+    check_quotas(changes.get("quota_hourly"), changes.get("quota_daily"))
+    # The audit record as JSON has it: scopes as a sorted list.
+    detail = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in changes.items()}
+    with _audited(runtime) as audit:
+        app = runtime.store.update_app(client_id, **changes)
+        audit.add("app.update", client_id, **detail)
+    return app
+
+
+def delete_app(runtime: Runtime, client_id: str) -> dict[str, int]:
+    """Remove an app with its secrets, customers, revocations and usage counts; its audit
+    records stay. Every node drops it from its view when it reads the change feed: its
+    credentials are refused, so no token is issued to it or for its customers, and the
+    tokens it holds stop counting (introspection, the Customers API). Returns how many rows
+    of each went."""
+    with _audited(runtime) as audit:
+        app = require_app(runtime, client_id)
+        removed = runtime.store.delete_app(client_id)
+        audit.add("app.delete", client_id, name=app.name, **removed)
+    return removed
 
 
 def rotate_secret(
@@ -157,7 +205,7 @@ def rotate_secret(
     with _audited(runtime) as audit:
         runtime.store.rotate_secret(record, now, now + grace, live)
         audit.add("secret.rotate", client_id, secret_id=record.secret_id, grace=grace)
-    return NewCredentials(app, plaintext, record.secret_id)
+    return NewCredentials(app, plaintext, record.secret_id, now + grace)
 
 
 def revoke_secret(runtime: Runtime, client_id: str, secret_id: str) -> None:
@@ -210,6 +258,17 @@ def require_app(runtime: Runtime, client_id: str) -> App:
     return app
 
 
+class DuplicateCustomer(AlreadyExists):
+    """The app has a customer with this app_user_id already: ``customer_id``."""
+
+    def __init__(self, existing: Customer) -> None:
+        super().__init__(
+            f"app {existing.client_id} has a customer with app_user_id "
+            f"{existing.app_user_id!r} already: {existing.customer_id}"
+        )
+        self.customer_id = existing.customer_id
+
+
 def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Customer:
     if not 1 <= len(app_user_id) <= MAX_APP_USER_ID:
         raise ValueError(f"app_user_id must have 1 to {MAX_APP_USER_ID} characters")
@@ -218,9 +277,19 @@ def create_customer(runtime: Runtime, client_id: str, app_user_id: str) -> Custo
     require_app(runtime, client_id)
     customer_id, created_ms = time_ordered_uuid()
     customer = Customer(str(customer_id), client_id, app_user_id, created_ms // 1000)
-    with _audited(runtime) as audit:
-        runtime.store.create_customer(customer)
-        audit.add("customer.create", client_id, customer_id=customer.customer_id)
+    try:
+        with _audited(runtime) as audit:
+            runtime.store.create_customer(customer)
+            audit.add("customer.create", client_id, customer_id=customer.customer_id)
+    except AlreadyExists as exc:
+        # Read once the failed transaction has rolled back (PostgreSQL reads nothing more in
+        # one that failed). None: the row was refused for another reason (the app was
+        # deleted meanwhile: NotFound says so), or that customer is gone already.
+        existing = runtime.store.find_customer(client_id, app_user_id)
+        if existing is not None:
+            raise DuplicateCustomer(existing) from exc
+        require_app(runtime, client_id)
+        raise
     return customer
 
 

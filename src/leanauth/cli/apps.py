@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -10,8 +11,14 @@ import click
 from leanauth import registry
 from leanauth.cli.common import emit, json_option, parse_duration, runtime
 from leanauth.quotas import usage_windows
+from leanauth.safetext import escape
 from leanauth.scopes import parse_scope_classes
+from leanauth.store.base import AppChanges
 from leanauth.store.models import App, ClientSecret
+
+# The longest grace `rotate-secret` gives an old secret: a leaked one must not live on for
+# months because a unit was mistyped.
+MAX_SECRET_GRACE = 30 * 86_400
 
 
 def app_json(app: App) -> dict[str, Any]:
@@ -145,6 +152,75 @@ def apps_show(client_id: str, as_json: bool) -> None:
         emit(as_json, data, "\n".join(lines))
 
 
+@apps.command("update")
+@click.argument("client_id")
+@click.option("--name", help="A new name for people.")
+@click.option("--scopes", help="The allowed scope classes, all of them (replacing the list).")
+@click.option("--token-ttl", type=int, help="Token lifetime in seconds for this app.")
+@click.option(
+    "--default-token-ttl", is_flag=True, help="Tokens live the default LEANAUTH_TOKEN_TTL."
+)
+@click.option(
+    "--introspect/--no-introspect",
+    default=None,
+    help="May (or may no longer) introspect any app's tokens.",
+)
+@quota_options[0]
+@quota_options[1]
+@json_option
+def apps_update(client_id: str, as_json: bool, **given: Any) -> None:
+    """Change the settings given; the others stay. Every node applies the change within a
+    second; tokens issued before keep their scope and lifetime."""
+    changes = _app_changes(given)
+    with runtime() as rt:
+        app = registry.update_app(rt, client_id, changes)
+        emit(as_json, app_json(app), app_text(app))
+
+
+def _app_changes(given: dict[str, Any]) -> AppChanges:
+    """The changes ``apps update`` was given: a usage error for none, or for a token
+    lifetime both given and reset."""
+    if given["token_ttl"] is not None and given["default_token_ttl"]:
+        raise click.UsageError("give --token-ttl or --default-token-ttl, not both")
+    changes: AppChanges = {}
+    if given["name"] is not None:
+        changes["name"] = given["name"]
+    if given["scopes"] is not None:
+        try:
+            changes["scopes"] = parse_scope_classes(given["scopes"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--scopes") from exc
+    if given["token_ttl"] is not None or given["default_token_ttl"]:
+        changes["token_ttl"] = given["token_ttl"]  # None: the default lifetime
+    for key in ("introspect", "quota_hourly", "quota_daily"):
+        if given[key] is not None:
+            changes[key] = given[key]
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one setting (see --help)")
+    return changes
+
+
+@apps.command("delete")
+@click.argument("client_id")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+@json_option
+def apps_delete(client_id: str, yes: bool, as_json: bool) -> None:
+    """Delete an app with its secrets, customers, revocations and usage counts (its audit
+    records stay): on every node within a second its credentials and tokens stop working."""
+    if as_json and not yes:
+        raise click.UsageError("--json needs --yes: there is no one to ask")
+    with runtime() as rt:
+        app = registry.require_app(rt, client_id)
+        if not yes:
+            # Escaped as all output is: the prompt is printed as it is.
+            question = f"Delete app {client_id} ({app.name}) with its secrets and customers?"
+            click.confirm(escape(question), abort=True)
+        removed = registry.delete_app(rt, client_id)
+        data = {"client_id": client_id, "deleted": True, "removed": removed}
+        counts = ", ".join(f"{what.replace('_', ' ')} {n}" for what, n in removed.items())
+        emit(as_json, data, f"app {client_id} deleted ({counts}); its audit records stay")
+
+
 def _set_enabled(client_id: str, enabled: bool, as_json: bool) -> None:
     with runtime() as rt:
         app = registry.set_enabled(rt, client_id, enabled)
@@ -178,27 +254,44 @@ def apps_revoke_tokens(client_id: str, as_json: bool) -> None:
         emit(as_json, app_json(app), f"tokens of {client_id} issued before {when} are refused")
 
 
+def grace_seconds(_ctx: click.Context, _param: click.Parameter, text: str) -> int:
+    """``--grace``: a number with its unit (``0`` alone: now), at most 30 days. A bare
+    number once meant seconds, so ``--grace 24`` ended the old secret 24 s later: an
+    outage for whoever had not deployed the new one yet."""
+    if not re.fullmatch(r"0|\d+[smhd]", text.strip().lower()):
+        raise click.BadParameter(f"give a unit: 90s, 30m, 24h or 7d (or 0 for now), got {text!r}")
+    seconds = parse_duration(text)
+    if seconds > MAX_SECRET_GRACE:
+        raise click.BadParameter(f"at most 30d ({MAX_SECRET_GRACE}s), got {text!r}")
+    return seconds
+
+
 @apps.command("rotate-secret")
 @click.argument("client_id")
 @click.option(
     "--grace",
     default="24h",
     show_default=True,
-    help="How long the old secret keeps working (0 ends it now; 90s, 30m, 24h, 7d).",
+    callback=grace_seconds,
+    help="How long the old secret keeps working (0 ends it now; 90s, 30m, 24h, 7d; at most 30d).",
 )
 @json_option
-def apps_rotate_secret(client_id: str, grace: str, as_json: bool) -> None:
+def apps_rotate_secret(client_id: str, grace: int, as_json: bool) -> None:
     """Issue a new secret; the old one works until the grace period ends."""
-    seconds = parse_duration(grace)
     with runtime() as rt:
-        rotated = registry.rotate_secret(rt, client_id, seconds)
+        rotated = registry.rotate_secret(rt, client_id, grace)
+        ends = rotated.old_secrets_expire_at
         data = {
             "client_id": client_id,
             "client_secret": rotated.client_secret,
             "secret_id": rotated.secret_id,
-            "old_secrets_expire_at": int(time.time()) + seconds,
+            "old_secrets_expire_at": ends,
+            "old_secrets_expire_at_utc": _when(ends),
         }
-        text = f"client_id:     {client_id}\nclient_secret: {rotated.client_secret}"
+        text = (
+            f"client_id:     {client_id}\nclient_secret: {rotated.client_secret}\n"
+            f"The old secret works until {_when(ends)} at the latest."
+        )
         emit(as_json, data, text)
 
 

@@ -8,6 +8,7 @@ import click
 
 from leanauth import registry
 from leanauth.cli.common import emit, json_option, runtime
+from leanauth.store.base import NotFound
 from leanauth.store.models import Customer
 
 
@@ -36,6 +37,21 @@ def customers_create(client_id: str, app_user_id: str, as_json: bool) -> None:
     with runtime() as rt:
         customer = registry.create_customer(rt, client_id, app_user_id)
         emit(as_json, customer_json(customer), f"customer_id: {customer.customer_id}")
+
+
+@customers.command("find")
+@click.option("--app", "client_id", required=True, help="The app's client_id.")
+@click.option("--app-user-id", required=True, help="The app's own id for the user.")
+@json_option
+def customers_find(client_id: str, app_user_id: str, as_json: bool) -> None:
+    """Show the app's customer with this app_user_id (exit status 1 when there is none)."""
+    with runtime() as rt:
+        registry.require_app(rt, client_id)
+        customer = rt.store.find_customer(client_id, app_user_id)
+        if customer is None:
+            raise NotFound(f"app {client_id} has no customer with app_user_id {app_user_id!r}")
+        text = f"{customer.customer_id}  {customer.app_user_id}"
+        emit(as_json, customer_json(customer), text)
 
 
 @customers.command("list")

@@ -22,10 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from leanauth import registry
+from leanauth.registry import DuplicateCustomer
 from leanauth.resource import BearerError, bearer_token
 from leanauth.safetext import has_control_characters
 from leanauth.services import Services
-from leanauth.store.base import AlreadyExists, StoreError
+from leanauth.store.base import AlreadyExists, NotFound, StoreError
 from leanauth.store.models import Customer
 from leanauth.verify import VerifiedToken, verified_from_claims
 
@@ -38,10 +39,14 @@ T = TypeVar("T")
 
 
 def lean_error(
-    status_code: int, status: str, message: str, headers: dict[str, str] | None = None
+    status_code: int,
+    status: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> JSONResponse:
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    body = {"status": status, "message": message, "timestamp": timestamp}
+    body = {"status": status, "message": message, "timestamp": timestamp, **(extra or {})}
     return JSONResponse(body, status_code, headers={"cache-control": "no-store", **(headers or {})})
 
 
@@ -93,9 +98,20 @@ class CustomersApi:
             customer = await self._ask_store(
                 registry.create_customer, self._runtime, token.client_id, app_user_id
             )
-        except AlreadyExists:
+        except NotFound:
+            # The app was deleted while this request ran: its tokens no longer count.
+            raise BearerError(401, "invalid_token", "The access token was revoked.") from None
+        except AlreadyExists as exc:
+            # The existing customer's id: a backend that lost the answer to its first
+            # create (a timeout, a 503 that committed) carries on with it.
+            existing = (
+                {"customer_id": exc.customer_id} if isinstance(exc, DuplicateCustomer) else {}
+            )
             return lean_error(
-                409, "CUSTOMER_ALREADY_EXISTS", "A customer with this app_user_id exists."
+                409,
+                "CUSTOMER_ALREADY_EXISTS",
+                "A customer with this app_user_id exists.",
+                extra=existing,
             )
         self._cache.customer_added(customer)
         return JSONResponse(customer_body(customer), 201, headers={"cache-control": "no-store"})

@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, TypedDict, Unpack
 
+from leanauth.scopes import ScopeClass
 from leanauth.store.models import (
     App,
     AuditEvent,
@@ -69,6 +70,8 @@ class ChangePublisher(Protocol):
 class AppChanges(TypedDict, total=False):
     """The settings of an app that can change after it is created."""
 
+    name: str
+    scopes: frozenset[ScopeClass]
     enabled: bool
     introspect: bool
     token_ttl: int | None
@@ -92,6 +95,10 @@ class RegistryStore(ChangeFeed, Protocol):
     def get_app(self, client_id: str) -> App | None: ...
     def list_apps(self) -> Sequence[App]: ...
     def update_app(self, client_id: str, **changes: Unpack[AppChanges]) -> App: ...
+    def delete_app(self, client_id: str) -> dict[str, int]:
+        """Remove the app with its secrets, customers, revocations and usage counts (its
+        audit records stay: the trail keeps history); how many rows of each went."""
+
     def rotate_secret(
         self, secret: ClientSecret, now: int, old_expires_at: int, expected_live: frozenset[str]
     ) -> None: ...
@@ -105,6 +112,9 @@ class RegistryStore(ChangeFeed, Protocol):
     def create_customer(self, customer: Customer) -> None: ...
     def get_customer(self, customer_id: str) -> Customer | None: ...
     def get_customers(self, customer_ids: Collection[str]) -> Sequence[Customer]: ...
+    def find_customer(self, client_id: str, app_user_id: str) -> Customer | None:
+        """The app's customer with this ``app_user_id`` (unique per app), if any."""
+
     def delete_customer(self, client_id: str, customer_id: str) -> None: ...
     def customer_members(self) -> Iterator[tuple[str, bytes]]:
         """Every app's customer ids: sorted 16-byte keys, joined in one ``bytes`` an app."""

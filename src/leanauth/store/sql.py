@@ -33,6 +33,15 @@ MAX_LIVE_SECRETS = 2
 ROTATION_RACE_WINDOW = 2
 
 
+# The rows naming an app that go with it (``delete_app``), children before the app itself.
+_APP_ROWS = (
+    ("secrets", schema.client_secrets),
+    ("customers", schema.customers),
+    ("revocations", schema.revoked_tokens),
+    ("usage_windows", schema.app_usage),
+)
+
+
 def _scopes_text(scopes: frozenset[ScopeClass]) -> str:
     return ",".join(s for s in SCOPE_CLASSES if s in scopes)
 
@@ -170,9 +179,12 @@ class SqlRegistry(SqlBase):
             return [_app(r) for r in conn.execute(select(schema.apps).order_by(*order))]
 
     def update_app(self, client_id: str, **changes: Unpack[AppChanges]) -> App:
+        values: dict[str, object] = dict(changes)
+        if "scopes" in changes:
+            values["scopes"] = _scopes_text(changes["scopes"])
         with self._write() as conn:
             done = conn.execute(
-                update(schema.apps).where(schema.apps.c.client_id == client_id).values(changes)
+                update(schema.apps).where(schema.apps.c.client_id == client_id).values(values)
             )
             if done.rowcount == 0:
                 raise NotFound(f"no app {client_id}")
@@ -180,6 +192,34 @@ class SqlRegistry(SqlBase):
             app = self._app_in(conn, client_id)
         assert app is not None
         return app
+
+    def delete_app(self, client_id: str) -> dict[str, int]:
+        """The app and every row that names it, in one transaction; not its audit records
+        (the trail keeps history) nor its change rows (other nodes must still read them)."""
+        with self._write() as conn:
+            if not self._lock_app_for_delete(conn, client_id):
+                raise NotFound(f"no app {client_id}")
+            removed: dict[str, int] = {}
+            for name, table in _APP_ROWS:
+                done = conn.execute(table.delete().where(table.c.client_id == client_id))
+                removed[name] = int(done.rowcount)
+            conn.execute(schema.apps.delete().where(schema.apps.c.client_id == client_id))
+            # One change for the app: each node drops it, and with it every way its customers
+            # could get a token (they are named by the app's own credentials).
+            self._record_change(conn, "app", client_id)
+        return removed
+
+    @classmethod
+    def _lock_app_for_delete(cls, conn: Connection, client_id: str) -> bool:
+        """Lock the app's row against new rows naming it; False when there is none. On
+        PostgreSQL FOR UPDATE, which (unlike the no-op update of ``_lock_row``) makes a
+        customer being inserted meanwhile wait for this delete, then fail on its foreign
+        key, instead of this delete failing on it. SQLite serialises writers anyway."""
+        apps = schema.apps
+        if conn.dialect.name != "postgresql":
+            return cls._lock_row(conn, apps, apps.c.client_id, client_id)
+        query = select(apps.c.client_id).where(apps.c.client_id == client_id).with_for_update()
+        return conn.execute(query).first() is not None
 
     # Secrets
 
@@ -333,6 +373,15 @@ class SqlRegistry(SqlBase):
                 query = select(schema.customers).where(c.customer_id.in_(ids[start : start + 500]))
                 found += [_customer(r) for r in conn.execute(query)]
         return found
+
+    def find_customer(self, client_id: str, app_user_id: str) -> Customer | None:
+        c = schema.customers.c
+        query = select(schema.customers).where(
+            c.client_id == client_id, c.app_user_id == app_user_id
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return _customer(row) if row else None
 
     def delete_customer(self, client_id: str, customer_id: str) -> None:
         c = schema.customers.c
