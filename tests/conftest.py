@@ -244,6 +244,19 @@ def installation(data_dir: Path, database_url: str, **extra: str) -> Env:
     return env
 
 
+def as_error_line(line: str) -> str:
+    """A command's failure line as ``error: MESSAGE``. With ``--json`` the command prints
+    ``{"error": CODE, "message": MESSAGE}`` instead: its shape is checked here, so the tests
+    of either form read the same message."""
+    if not line.startswith("{"):
+        return line
+    data = json.loads(line)
+    assert set(data) == {"error", "message"}, line
+    assert isinstance(data["error"], str), line
+    assert data["error"], line
+    return f"error: {data['message']}"
+
+
 def create_app(env: Env, *args: str) -> AppCredentials:
     data = env.cli("apps", "create", *args)
     return AppCredentials(data["client_id"], data["client_secret"], data)

@@ -19,6 +19,7 @@ from conftest import (
     AppCredentials,
     Env,
     Server,
+    as_error_line,
     create_app,
     free_port,
     request_token,
@@ -39,7 +40,7 @@ def assert_cli_error(result: Result, *words: str) -> str:
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [as_error_line(line) for line in result.stderr.strip().splitlines()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     for word in words:
@@ -520,8 +521,10 @@ def test_subprocess_cli_against_a_data_dir(tmp_path: Path) -> None:
     bad = leanauth_process("apps", "show", str(uuid.uuid4()), "--json", extra_env=env.vars)
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
-    assert bad.stderr.strip().startswith("error:")
     assert len(bad.stderr.strip().splitlines()) == 1
+    # With --json, the failure is JSON too, with a stable code.
+    assert json.loads(bad.stderr)["error"] == "not_found"
+    assert as_error_line(bad.stderr.strip()).startswith("error: ")
 
 
 def test_help_lists_every_command_with_its_own_summary() -> None:

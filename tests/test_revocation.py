@@ -33,6 +33,7 @@ from conftest import (
     Env,
     PostgresDatabases,
     Server,
+    as_error_line,
     claims_of,
     create_app,
     installation,
@@ -122,9 +123,10 @@ def within_a_second(condition: Callable[[], bool], since: float | None = None) -
 def one_line_error(stderr: str) -> str:
     """The CLI's failure: one ``error:`` line, last, and no traceback."""
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    lines = [as_error_line(line) for line in stderr.strip().splitlines()]
+    errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, stderr
-    assert stderr.strip().splitlines()[-1] == errors[0], stderr
+    assert lines[-1] == errors[0], stderr
     return errors[0]
 
 

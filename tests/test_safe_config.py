@@ -33,6 +33,7 @@ from conftest import (
     AppCredentials,
     Env,
     PostgresDatabases,
+    as_error_line,
     create_app,
     free_port,
     installation,
@@ -89,7 +90,7 @@ def one_error_line(proc: subprocess.CompletedProcess[str], *words: str) -> str:
     """The single ``error:`` line a refused command printed (after any warnings)."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if " WARNING " not in line]
+    errors = [as_error_line(line) for line in proc.stderr.splitlines() if " WARNING " not in line]
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("error: "), errors[0]
     for word in words:

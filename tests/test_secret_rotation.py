@@ -19,6 +19,7 @@ from conftest import (
     Env,
     PostgresDatabases,
     Server,
+    as_error_line,
     create_app,
     module_server,
     request_token,
@@ -72,9 +73,10 @@ def secrets_of(env: Env, client_id: str) -> list[dict[str, Any]]:
 def one_line_error(stderr: str) -> str:
     """The CLI's failure: one ``error:`` line, last, and no traceback."""
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    lines = [as_error_line(line) for line in stderr.strip().splitlines()]
+    errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, stderr
-    assert stderr.strip().splitlines()[-1] == errors[0], stderr
+    assert lines[-1] == errors[0], stderr
     return errors[0]
 
 

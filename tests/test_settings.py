@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import as_error_line, free_port
 from leanauth.settings import Settings, SettingsError
 
 # Each is run through a real `leanauth serve` process.
@@ -79,7 +79,7 @@ def run_leanauth(
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = [as_error_line(line) for line in proc.stderr.strip().splitlines()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: "), lines[0]
     for word in words:

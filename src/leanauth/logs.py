@@ -107,3 +107,20 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_libraries(level)
+
+
+# Libraries whose info lines are noise to an operator (Alembic's "Context impl SQLiteImpl.",
+# "Will assume non-transactional DDL." and each migration run; httpx's line per request of
+# `leanauth token`): shown at debug, when someone asks what happened.
+CHATTY_LIBRARIES = ("alembic", "httpx")
+
+
+def quiet_libraries(level: str) -> None:
+    """Libraries' loggers at warning, unless ``level`` is debug. SQLAlchemy's stay at warning
+    even then: at info its engine logs each statement with its parameters, and those hold
+    secret hashes, encrypted keys and audit rows."""
+    chatty = logging.NOTSET if level.lower() == "debug" else logging.WARNING
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(chatty)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

@@ -5,6 +5,9 @@ one of its commands runs: they bring the database drivers and the server, which
 from __future__ import annotations
 
 import importlib
+import json
+import sys
+from typing import Any
 
 try:
     import click
@@ -40,8 +43,47 @@ SUMMARIES = {
 }
 
 
+# Where the top group keeps the words it was run with (ctx.meta is shared by every context
+# of one run): a usage error may come before its command's --json option is read.
+ARGS = "leanauth.args"
+
+
+def json_error(code: str, message: str) -> None:
+    """What a failing command prints under --json instead of its ``error:`` line: one JSON
+    object on stderr, with a code scripts may branch on (each keeps its meaning) and the
+    message. json.dumps escapes every control character: the message needs nothing more."""
+    click.echo(json.dumps({"error": code, "message": message}), err=True)
+
+
+def asked_for_json(exc: click.UsageError, args: list[str]) -> bool:
+    """Whether the command a usage error is about has --json and was given it: by its value
+    when its options were read (an error raised by the command itself), else by its words
+    before any ``--`` (an option that could not be read stopped the reading)."""
+    ctx = exc.ctx
+    if ctx is None or not any(param.name == "as_json" for param in ctx.command.params):
+        return False
+    if "as_json" in ctx.params:
+        return bool(ctx.params["as_json"])
+    words = args[: args.index("--")] if "--" in args else args
+    return "--json" in words
+
+
 class LazyGroup(click.Group):
-    """A group whose commands are imported when they are asked for."""
+    """A group whose commands are imported when they are asked for. Under --json, usage
+    errors are JSON too (see json_error)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGS] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if not asked_for_json(exc, ctx.meta.get(ARGS, [])):
+                raise  # click prints it as always: usage, hint and error
+            json_error("usage", exc.format_message())
+            sys.exit(exc.exit_code)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)

@@ -1,4 +1,5 @@
-"""What every command shares: --json output, one-line errors, the runtime."""
+"""What every command shares: --json output, one-line (or, under --json, JSON) errors, the
+runtime."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from leanauth.bootstrap import NotInitialised, Runtime, SchemaMode, open_runtime, open_store
+from leanauth.cli import json_error
 from leanauth.logs import configure_logging
 from leanauth.safetext import escape, escape_lines, masked_url
 from leanauth.settings import Settings, SettingsError, unknown_variables
@@ -34,10 +36,43 @@ log = logging.getLogger("leanauth.cli")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def fail(message: str, status: int = 1) -> NoReturn:
-    """One ``error:`` line on stderr. The message may quote input (a client id, a path), so
-    it is escaped whole: a newline in it cannot add a line, an escape sequence cannot act."""
-    click.echo(f"error: {escape(message)}", err=True)
+# The ``error`` of each failure under --json, by its exception: stable, for scripts to branch
+# on. The first match counts (SettingsError, AlreadyExists and Conflict are ValueErrors).
+ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (SettingsError, "invalid_settings"),
+    (NotInitialised, "not_initialised"),
+    (SchemaAhead, "schema_ahead"),
+    (SchemaOutdated, "schema_outdated"),
+    (NotFound, "not_found"),
+    (AlreadyExists, "already_exists"),
+    (Conflict, "conflict"),
+    (StoreError, "database_error"),
+    (ValueError, "invalid_value"),
+)
+
+
+def error_code(exc: BaseException | None) -> str:
+    """The --json ``error`` for ``exc``; ``failed`` for what has no code of its own."""
+    return next((code for kind, code in ERROR_CODES if isinstance(exc, kind)), "failed")
+
+
+def json_wanted() -> bool:
+    """Whether the running command was given --json (its options are read by now)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and bool(ctx.params.get("as_json"))
+
+
+def fail(message: str, status: int = 1, code: str | None = None) -> NoReturn:
+    """One ``error:`` line on stderr, or under --json one JSON object (``{"error": code,
+    "message": ...}``); then exit with ``status``. ``code`` defaults to that of the
+    exception being handled, so that a caller in an ``except`` block need not name it.
+
+    The message may quote input (a client id, a path): the line escapes it whole, so a
+    newline in it cannot add a line and an escape sequence cannot act."""
+    if json_wanted():
+        json_error(code or error_code(sys.exception()), message)
+    else:
+        click.echo(f"error: {escape(message)}", err=True)
     sys.exit(status)
 
 
@@ -59,10 +94,8 @@ def load_settings() -> Settings:
         # error's (the settings that choose the log format are what failed).
         configure_logging("info", "plain")
         warn_unknown_variables()
-        fail(str(exc))
+        fail(str(exc), code="invalid_settings")
     configure_logging(settings.log_level, settings.log_format)
-    # Alembic's info lines (plugins set up, each migration run) are noise to an operator.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     warn_unknown_variables()
     return settings
 
@@ -112,9 +145,10 @@ def refusal(exc: Exception, settings: Settings | None = None) -> NoReturn:
         fail(
             f"cannot use the database at {masked_url(settings.database_url)} "
             f"(waited at most {settings.db_connect_timeout:g}s): {exc}; "
-            "check LEANAUTH_DATABASE_URL and that the database is up"
+            "check LEANAUTH_DATABASE_URL and that the database is up",
+            code="database_unavailable",
         )
-    fail(str(exc), EXIT_SCHEMA_AHEAD if isinstance(exc, SchemaAhead) else 1)
+    fail(str(exc), EXIT_SCHEMA_AHEAD if isinstance(exc, SchemaAhead) else 1, error_code(exc))
 
 
 # What an operator can fix before a command can run on the store.
@@ -149,7 +183,7 @@ def runtime(schema: SchemaMode = "require", settings: Settings | None = None) ->
     try:
         yield rt
     except (NotFound, AlreadyExists, Conflict, ValueError, StoreError) as exc:
-        fail(str(exc))
+        fail(str(exc), code=error_code(exc))
     finally:
         rt.store.close()
 

@@ -69,15 +69,19 @@ def db_backup(file: Path, as_json: bool) -> None:
     source = sqlite_file(settings.database_url)
     if source is None:
         if settings.database_url.startswith("sqlite"):
-            fail("an in-memory SQLite database has nothing to back up")
-        fail(f"on PostgreSQL, back up with pg_dump: {PG_DUMP_RECIPE}")
+            fail("an in-memory SQLite database has nothing to back up", code="unsupported")
+        fail(f"on PostgreSQL, back up with pg_dump: {PG_DUMP_RECIPE}", code="unsupported")
     revision = schema_revision(settings)
     try:
         backup_sqlite(source, file)
     except FileExistsError:
-        fail(f"{file} exists: a backup never replaces a file, give another name")
+        fail(
+            f"{file} exists: a backup never replaces a file, give another name",
+            code="already_exists",
+        )
     except (OSError, sqlite3.Error) as exc:
-        fail(f"cannot back up to {file}: {getattr(exc, 'strerror', None) or exc}")
+        reason = getattr(exc, "strerror", None) or exc
+        fail(f"cannot back up to {file}: {reason}", code="backup_failed")
     data = {
         "database_url": masked_url(settings.database_url),
         "file": str(file),
