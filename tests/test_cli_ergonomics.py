@@ -308,6 +308,16 @@ def test_token_names_the_url_it_could_not_reach() -> None:
     assert url in failed(leanauth({}, *token_args(url, "--json")), "unreachable")
 
 
+def test_a_host_name_that_cannot_be_encoded_is_one_error_line() -> None:
+    # A DNS label over 63 characters fails in the IDNA codec, before any connection.
+    url = f"http://{'a' * 70}.example/oauth2/token"
+    text = leanauth({}, *token_args(url))
+    assert text.returncode == 1
+    assert "Traceback" not in text.stderr
+    assert text.stderr.startswith(f"error: cannot reach {url}: ")
+    assert url in failed(leanauth({}, *token_args(url, "--json")), "unreachable")
+
+
 def test_token_refused_names_the_url(server: Server, app: AppCredentials) -> None:
     url = server.url + "/oauth2/token"
     args = ["token", "--client-id", app.client_id, "--client-secret", "lsk_wrong", "--url", url]

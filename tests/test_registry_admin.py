@@ -8,6 +8,7 @@ from __future__ import annotations
 import calendar
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,13 +21,17 @@ from conftest import (
     Env,
     Server,
     claims_of,
+    create_app,
     known_app,
     module_server,
     new_token,
     request_token,
     wait_for,
 )
+from leanauth.bootstrap import open_runtime
+from leanauth.cache import RegistryCache
 from leanauth.cli import main as cli_main
+from leanauth.settings import Settings
 
 # A change made with the CLI reaches the server within this (refresh interval 0.2 s; the
 # machine may be loaded).
@@ -347,3 +352,27 @@ def test_duplicate_app_user_id_409_names_the_existing_customer(
     assert answer["status"] == "CUSTOMER_ALREADY_EXISTS"
     assert answer["customer_id"] == first.json()["customer_id"]
     assert again.headers["cache-control"] == "no-store"
+
+
+def test_a_shorter_lifetime_leaves_the_longer_tokens_good_until_they_expire(
+    tmp_path: Path,
+) -> None:
+    """This server refuses a token living longer than any it issues (a stolen key's). After
+    `apps update --token-ttl` shortens an app's lifetime, tokens issued under the longer one
+    must still pass that check until they expire, full reloads of the registry included."""
+    env = Env(tmp_path)
+    app = create_app(env, "--name", "Long-lived", "--token-ttl", "7200")
+    runtime = open_runtime(Settings.from_env(env.vars))
+    try:
+        cache = RegistryCache(runtime.store, runtime.cipher, 1.0)
+        cache.load()
+        assert cache.longest_app_ttl == 7200
+        env.cli("apps", "update", app.client_id, "--token-ttl", "600")
+        now = int(time.time())
+        cache.load()
+        assert cache.longest_app_ttl == 7200
+        # Once every token of the longer lifetime has expired, the bound comes down.
+        cache._reload_registry(now + 7201)
+        assert cache.longest_app_ttl == 600
+    finally:
+        runtime.store.close()

@@ -150,10 +150,12 @@ class RegistryCache:
         self._cipher = cipher
         self._refresh_interval = refresh_interval
         self._clients: dict[str, CachedClient] = {}
-        # The longest token lifetime any app has been given (None: the default); kept at the
-        # highest value seen until the next full load, so a token is never judged against a
-        # lifetime shorter than the one it was issued with.
+        # The longest token lifetime any app has been given (None: the default). It only
+        # falls (an app deleted, or given a shorter lifetime) once every token issued under
+        # the longer one has expired: a token is never judged against a lifetime shorter
+        # than the one it was issued with.
         self.longest_app_ttl = 0
+        self._longest_held_until = 0.0
         self.directory = CustomerDirectory()
         self._new_id_lookups = NewIdLookups()
         # Revoked token ids → their expiry; kept until then.
@@ -188,9 +190,10 @@ class RegistryCache:
     def _reload_registry(self, now: int) -> None:
         """Apps with their secrets, the keys and the revocations, read whole."""
         self._clients = {c.app.client_id: _cached(c) for c in self._store.all_credentials(now)}
-        self.longest_app_ttl = max(
-            (c.app.token_ttl or 0 for c in self._clients.values()), default=0
-        )
+        longest = max((c.app.token_ttl or 0 for c in self._clients.values()), default=0)
+        if longest < self.longest_app_ttl and now > self._longest_held_until:
+            self.longest_app_ttl = 0  # every token of the longer lifetime has expired
+        self._hold_longest(longest, now)
         self._keys = self._store.list_keys()
         self.keyring = KeyRing(self._keys, self._cipher, now)
         self._revoked = {r.jti: r.expires_at for r in self._store.list_revoked(now)}
@@ -264,7 +267,11 @@ class RegistryCache:
             self._clients.pop(client_id, None)
         else:
             self._clients[client_id] = _cached(credentials)
-            self.longest_app_ttl = max(self.longest_app_ttl, credentials.app.token_ttl or 0)
+            self._hold_longest(credentials.app.token_ttl or 0, now)
+
+    def _hold_longest(self, ttl: int, now: float) -> None:
+        if ttl >= self.longest_app_ttl:
+            self.longest_app_ttl, self._longest_held_until = ttl, now + ttl
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)

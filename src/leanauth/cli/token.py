@@ -51,7 +51,11 @@ def token(
     if not isinstance(body.get("access_token"), str):
         fail(f"{masked_url(endpoint)} answered HTTP 200 without an access_token", code="bad_answer")
     if decode:
-        header, claims = (_b64json(part) for part in body["access_token"].split(".")[:2])
+        try:
+            header, claims = (_b64json(part) for part in body["access_token"].split(".")[:2])
+        except ValueError:  # binascii.Error and json's errors are ValueErrors
+            not_a_jwt = f"{masked_url(endpoint)} answered with a token that is not a JWT"
+            fail(not_a_jwt, code="bad_answer")
         body = {**body, "header": header, "claims": claims}
     text = body["access_token"]
     if decode:
@@ -72,7 +76,7 @@ def post_form(endpoint: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]
     shown = masked_url(endpoint)
     try:
         response = httpx.post(endpoint, data=form, timeout=10)
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:  # Unicode: a bad host
         # Some (timeouts) have an empty message: their class says what happened.
         fail(f"cannot reach {shown}: {str(exc) or type(exc).__name__}", code="unreachable")
     try:

@@ -59,7 +59,9 @@ class TokenEndpoint(OAuthEndpoint):
         app = caller.app
         requested = await self.authorize_scope(app, attempt.scope, now)
         self._usage.check(app, now)
-        now = await wait_for_not_before(app, now)
+        # The clock again: the customer look-up may have waited for the store, and the token
+        # must live its whole lifetime from the moment it is issued.
+        now = await wait_for_not_before(app, time.time())
         token = self._issuer.issue(
             self._cache.keyring.signer, app.client_id, requested, app.token_ttl, now
         )
