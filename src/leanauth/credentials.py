@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 
 from cryptography.hazmat.primitives import hashes
@@ -65,17 +66,23 @@ class SecretUse:
 
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
+        # Requests record on the event loop while the flush runs on a thread: without it, a
+        # use recorded into the dict being written could be lost.
+        self._lock = threading.Lock()
 
     def record(self, secret_id: str, now: float) -> None:
-        self._last[secret_id] = int(now)
+        with self._lock:
+            self._last[secret_id] = int(now)
 
     def flush(self, write: Callable[[Mapping[str, int]], None]) -> None:
         """Hand what was recorded to ``write``; if it fails, keep it for the next flush
         (a later use recorded meanwhile wins)."""
-        used, self._last = self._last, {}
+        with self._lock:
+            used, self._last = self._last, {}
         try:
             write(used)
         except Exception:
-            for secret_id, at in used.items():
-                self._last.setdefault(secret_id, at)
+            with self._lock:
+                for secret_id, at in used.items():
+                    self._last.setdefault(secret_id, at)
             raise
