@@ -8,6 +8,7 @@ reads the totals back, so a quota holds cluster-wide to within one flush interva
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -48,6 +49,11 @@ class UsageCounter:
         self._pending: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._totals: dict[tuple[str, str], int] = {}
+        # Requests check and count on the event loop while the flush runs on a thread: the
+        # counts move between pending, in flight and the totals under this lock, so that a
+        # check sees every token once (never both in the totals just read back and in
+        # flight) and no count lands in a dict already written.
+        self._lock = threading.Lock()
 
     def _current(self, now: float) -> tuple[Window, Window]:
         if now >= self._windows[0].ends_at:
@@ -58,10 +64,12 @@ class UsageCounter:
         """Raise :class:`TooManyRequests` when the app has no token left in a window."""
         if app.quota_hourly is None and app.quota_daily is None:
             return
-        local = self._in_flight[app.client_id] + self._pending[app.client_id]
+        with self._lock:
+            local = self._in_flight[app.client_id] + self._pending[app.client_id]
+            totals = self._totals
         hour, day = self._current(now)
         for window, quota, per in ((hour, app.quota_hourly, "hour"), (day, app.quota_daily, "day")):
-            used = self._totals.get((app.client_id, window.name), 0) + local
+            used = totals.get((app.client_id, window.name), 0) + local
             if quota is not None and used >= quota:
                 metrics.QUOTA_REFUSALS.inc(per)
                 raise TooManyRequests(
@@ -70,25 +78,31 @@ class UsageCounter:
                 )
 
     def count(self, client_id: str) -> None:
-        self._pending[client_id] += 1
+        with self._lock:
+            self._pending[client_id] += 1
 
     def add(self, tokens: Mapping[str, int]) -> None:
         """Count tokens issued elsewhere: by a worker that died before its flush (they
         count in the windows current now)."""
-        self._pending.update(tokens)
+        with self._lock:
+            self._pending.update(tokens)
 
     def flush(self) -> None:
         """Add local counts to the store and read the cluster's totals (blocking)."""
-        self._in_flight, self._pending = self._pending, Counter()
+        with self._lock:
+            in_flight = self._in_flight = self._pending
+            self._pending = Counter()
         hour, day = self._current(time.time())
         keep = [hour.name, day.name]
-        deltas = {(client, w): n for client, n in self._in_flight.items() for w in keep}
+        deltas = {(client, w): n for client, n in in_flight.items() for w in keep}
         try:
             self._store.add_usage(deltas, keep)
         except Exception:
             # Keep the counts for the next flush rather than lose them.
-            self._pending.update(self._in_flight)
-            self._in_flight = Counter()
+            with self._lock:
+                self._pending.update(in_flight)
+                self._in_flight = Counter()
             raise
-        self._totals = self._store.usage(keep)
-        self._in_flight = Counter()
+        totals = self._store.usage(keep)
+        with self._lock:
+            self._totals, self._in_flight = totals, Counter()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 import types
 from collections import Counter
@@ -503,3 +505,31 @@ def test_source_of_an_asgi_request(
 ) -> None:
     scope = {"type": "http", "client": ("10.0.0.1", 443), "headers": headers}
     assert SourceAddress(trusted).of_request(scope) == expected
+
+
+def test_a_check_during_a_flush_never_counts_a_token_twice(
+    clock: types.SimpleNamespace, store: FakeUsageStore
+) -> None:
+    """Requests check and count on the event loop while the flush runs on a thread: a check
+    must see each token once, never both in the totals just read back and among the counts
+    being written. The quota leaves room for exactly one more token, so any token counted
+    twice is a refusal."""
+    counter = UsageCounter(store)  # type: ignore[arg-type]
+    stop = threading.Event()
+
+    def flush_again_and_again() -> None:
+        while not stop.is_set():
+            counter.flush()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    flusher = threading.Thread(target=flush_again_and_again)
+    flusher.start()
+    try:
+        for issued in range(20_000):
+            counter.check(app_with(hourly=issued + 1), MOMENT)
+            counter.count("app")
+    finally:
+        stop.set()
+        flusher.join()
+        sys.setswitchinterval(interval)
